@@ -1,0 +1,1 @@
+"""Triton kernels over symmetric memory (CUDA only). Imported lazily by tdcompile.ops.cuda."""

@@ -1,0 +1,35 @@
+"""The ``tdist::*`` custom ops: the contract between the compiler passes and the kernels.
+
+Layers::
+
+    passes (emit torch.ops.tdist.*)  ->  ops (this package)  ->  kernels (Triton, CUDA only)
+
+Every op has
+  * a fake (meta) implementation, used while tracing and by Inductor,
+  * a **reference implementation** built from functional collectives + matmul
+    (``reference.py``). It runs on any device and process-group backend (gloo on CPU).
+    It is the correctness oracle and the CPU path -- never a performance path.
+  * a CUDA implementation (``cuda.py``) that calls the fused Triton kernels over
+    symmetric memory when they apply, and otherwise the unfused NCCL + cuBLAS sequence.
+
+Schemas (all matrices are 2-D, row-major semantics; ``b`` is the ``[K, N]`` operand,
+i.e. the transposed ``nn.Linear`` weight exactly as it appears in the ATen graph)::
+
+    all_reduce(x, group_name, impl)                          -> sum over ranks of x
+    gemm_all_reduce(a[M,K], b[K,N], bias[N]?, group_name, impl)
+                                                             -> all_reduce(a @ b + bias)
+    all_gather_gemm(a_shard[m,K], bs[K,N_i]*, world_size, group_name, return_a, impl)
+                                                             -> (A or empty, [A @ b_i])
+        where A = cat of every rank's a_shard along dim 0   (A is [world*m, K])
+    gemm_reduce_scatter(a[M,K], b[K,N], bias[N]?, world_size, group_name, impl)
+                                                             -> reduce_scatter(a @ b + bias, dim 0)
+
+``impl`` is the compiler's choice, kept in the graph so dumps show it:
+``"fused"`` (run the fused kernel), ``"unfused"`` (NCCL + cuBLAS) or ``"auto"``
+(decide at run time from the actual M with the cost model; used for dynamic M).
+Off CUDA every ``impl`` runs the reference implementation.
+"""
+from tdcompile.ops import library  # noqa: F401  (registers the ops)
+from tdcompile.ops.library import IMPLS, OP_NAMES
+
+__all__ = ["IMPLS", "OP_NAMES"]

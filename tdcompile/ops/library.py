@@ -1,0 +1,84 @@
+"""Definitions of the ``tdist::*`` custom ops: schema, fake impl, default (reference) impl.
+
+The default implementation of each op, used on every device that has no specific
+kernel registered, is the reference (``reference.py``). ``cuda.py`` registers the CUDA
+implementations behind the same ops.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from tdcompile.ops import reference as ref
+
+IMPLS = ("auto", "fused", "unfused")
+OP_NAMES = ("all_reduce", "gemm_all_reduce", "all_gather_gemm", "gemm_reduce_scatter")
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"tdist: impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _mm_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+# ---------------------------------------------------------------- all_reduce
+@torch.library.custom_op("tdist::all_reduce", mutates_args=())
+def all_reduce(x: torch.Tensor, group_name: str, impl: str = "auto") -> torch.Tensor:
+    """Sum of ``x`` over the ranks of ``group_name``."""
+    _check_impl(impl)
+    return ref.all_reduce(x, group_name)
+
+
+@all_reduce.register_fake
+def _(x, group_name, impl="auto"):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# ----------------------------------------------------------- gemm_all_reduce
+@torch.library.custom_op("tdist::gemm_all_reduce", mutates_args=())
+def gemm_all_reduce(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], group_name: str,
+                    impl: str = "auto") -> torch.Tensor:
+    """``all_reduce(a @ b + bias)``; ``a`` [M, K], ``b`` [K, N], ``bias`` [N] or None."""
+    _check_impl(impl)
+    return ref.gemm_all_reduce(a, b, bias, group_name)
+
+
+@gemm_all_reduce.register_fake
+def _(a, b, bias, group_name, impl="auto"):
+    return _mm_out(a, b)
+
+
+# ----------------------------------------------------------- all_gather_gemm
+@torch.library.custom_op("tdist::all_gather_gemm", mutates_args=())
+def all_gather_gemm(a_shard: torch.Tensor, bs: list[torch.Tensor], world_size: int, group_name: str,
+                    return_a: bool = False, impl: str = "auto") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Gather ``a_shard`` [m, K] from every rank along dim 0 into A [world*m, K] and
+    return ``(A if return_a else empty, [A @ b for b in bs])``."""
+    _check_impl(impl)
+    return ref.all_gather_gemm(a_shard, bs, world_size, group_name, return_a)
+
+
+@all_gather_gemm.register_fake
+def _(a_shard, bs, world_size, group_name, return_a=False, impl="auto"):
+    m_full = a_shard.shape[0] * world_size
+    a_full = a_shard.new_empty((m_full, a_shard.shape[1])) if return_a else a_shard.new_empty(0)
+    return a_full, [a_shard.new_empty((m_full, b.shape[1])) for b in bs]
+
+
+# ------------------------------------------------------- gemm_reduce_scatter
+@torch.library.custom_op("tdist::gemm_reduce_scatter", mutates_args=())
+def gemm_reduce_scatter(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], world_size: int,
+                        group_name: str, impl: str = "auto") -> torch.Tensor:
+    """``reduce_scatter(a @ b + bias)`` along dim 0: rank r gets rows [r*M/w, (r+1)*M/w)."""
+    _check_impl(impl)
+    return ref.gemm_reduce_scatter(a, b, bias, world_size, group_name)
+
+
+@gemm_reduce_scatter.register_fake
+def _(a, b, bias, world_size, group_name, impl="auto"):
+    torch._check(a.shape[0] % world_size == 0, lambda: "gemm_reduce_scatter: M must divide by world_size")
+    return a.new_empty((a.shape[0] // world_size, b.shape[1]))
