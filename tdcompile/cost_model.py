@@ -1,0 +1,181 @@
+"""Shape-based cost model: predicted time of every candidate implementation of a match.
+
+A pure module (no graph, no kernels). Analytic model whose constants come from a
+per-machine :class:`DeviceProfile` (shipped JSON in ``tdcompile/profiles/``, or one
+measured by ``tdcompile calibrate``):
+
+* GEMM            ``launch + max(2MNK / peak, bytes / hbm)``        (roofline)
+* NCCL collective ``latency + algorithm bytes / bus bandwidth``
+* P2P collective  ``p2p latency + bytes over the links`` (our symmetric-memory kernels)
+* fused op        the GEMM and the transfer overlap except for ``1 - overlap`` of the
+                  transfer and the part that cannot start before the first data arrives.
+
+``decide`` turns predictions into a :class:`Decision` with a human-readable reason.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+PATTERNS = ("gemm_all_reduce", "all_gather_gemm", "gemm_reduce_scatter", "all_reduce")
+_PROFILE_DIR = os.path.join(os.path.dirname(__file__), "profiles")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceProfile:
+    name: str
+    """Profile name, e.g. ``"h200"``."""
+    gemm_tflops: float
+    """Achievable dense bf16/fp16 GEMM rate (cuBLAS) on large shapes, TFLOP/s."""
+    hbm_gbps: float
+    """Device-memory bandwidth, GB/s (bytes read + written)."""
+    launch_us: float
+    """Fixed cost of one kernel launch, us."""
+    link_gbps: float
+    """P2P bandwidth one GPU reaches to its peers per direction (NVLink), GB/s."""
+    p2p_latency_us: float
+    """Cost of one signalled P2P exchange in our kernels (signal round trip + launch), us."""
+    nccl_latency_us: float
+    """Fixed cost of one NCCL collective, us."""
+    nccl_gbps: float
+    """NCCL bus bandwidth (algorithm bytes per second), GB/s."""
+    overlap: float = 0.8
+    """Fraction of the transfer a fused kernel hides under its GEMM."""
+    fused_gemm_efficiency: float = 0.92
+    """Rate of our Triton GEMM relative to cuBLAS on the same shape."""
+    source: str = ""
+    """Where the numbers come from (machine, date, command)."""
+    extra: dict = field(default_factory=dict)
+    """Anything else a calibration recorded (raw measurements)."""
+
+    @staticmethod
+    def load(name_or_path: str) -> "DeviceProfile":
+        path = name_or_path if os.path.exists(name_or_path) else os.path.join(_PROFILE_DIR, f"{name_or_path}.json")
+        if not os.path.exists(path):
+            raise ValueError(f"tdist: no device profile {name_or_path!r} (shipped: {shipped_profiles()})")
+        with open(path) as f:
+            return DeviceProfile(**json.load(f))
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+
+
+def shipped_profiles() -> list[str]:
+    return sorted(p[:-5] for p in os.listdir(_PROFILE_DIR) if p.endswith(".json"))
+
+
+def profile_for_device(device: Optional[torch.device] = None) -> Optional[DeviceProfile]:
+    """The shipped profile of the current GPU (by name), or None (CPU, unknown GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    for key in shipped_profiles():
+        if key in name:
+            return DeviceProfile.load(key)
+    return None
+
+
+@dataclass(frozen=True)
+class Decision:
+    choice: str
+    """``"fused"``, ``"unfused"`` or ``"auto"`` (decided at run time inside the op)."""
+    predicted_us: dict
+    """Candidate name -> predicted microseconds (empty without a profile)."""
+    reason: str
+
+
+# ------------------------------------------------------------------ primitives
+def gemm_us(p: DeviceProfile, m: int, n: int, k: int, elem: int, efficiency: float = 1.0) -> float:
+    flops_s = 2.0 * m * n * k / (p.gemm_tflops * 1e12 * efficiency)
+    bytes_s = (m * k + k * n + m * n) * elem / (p.hbm_gbps * 1e9)
+    return p.launch_us + 1e6 * max(flops_s, bytes_s)
+
+
+def nccl_us(p: DeviceProfile, kind: str, nbytes: float, w: int) -> float:
+    """``nbytes``: the reduced tensor (all_reduce), the gathered output (all_gather) or the
+    input (reduce_scatter)."""
+    factor = 2.0 * (w - 1) / w if kind == "all_reduce" else (w - 1) / w
+    return p.nccl_latency_us + 1e6 * factor * nbytes / (p.nccl_gbps * 1e9)
+
+
+def p2p_all_reduce_us(p: DeviceProfile, nbytes: float, w: int) -> float:
+    one_shot = p.p2p_latency_us + 1e6 * ((w - 1) * nbytes / (p.link_gbps * 1e9) + w * nbytes / (p.hbm_gbps * 1e9))
+    two_shot = 2 * p.p2p_latency_us + 1e6 * 2.0 * (w - 1) / w * nbytes / (p.link_gbps * 1e9)
+    return min(one_shot, two_shot)
+
+
+def p2p_transfer_us(p: DeviceProfile, nbytes: float, w: int) -> float:
+    """All-gather / reduce-scatter traffic: each rank moves (w-1)/w of ``nbytes``."""
+    return 1e6 * (w - 1) / w * nbytes / (p.link_gbps * 1e9)
+
+
+# ------------------------------------------------------------------ candidates
+def predict(pattern: str, *, m: int, n: int, k: int, world_size: int, elem: int,
+            profile: DeviceProfile) -> dict[str, float]:
+    """Predicted microseconds of each candidate. ``m`` is the full (gathered / pre-scatter)
+    row count, ``n`` the summed output width for several weights, ``k`` the reduction dim."""
+    p, w = profile, world_size
+    if pattern == "all_reduce":
+        nbytes = m * n * elem
+        return {"unfused": nccl_us(p, "all_reduce", nbytes, w), "fused": p2p_all_reduce_us(p, nbytes, w)}
+    gemm = gemm_us(p, m, n, k, elem)
+    fused_gemm = gemm_us(p, m, n, k, elem, p.fused_gemm_efficiency)
+    if pattern == "gemm_all_reduce":
+        nbytes = m * n * elem
+        comm = p2p_all_reduce_us(p, nbytes, w)
+        return {"unfused": gemm + nccl_us(p, "all_reduce", nbytes, w),
+                "fused": fused_gemm + (1 - p.overlap) * comm + p.p2p_latency_us}
+    if pattern == "all_gather_gemm":
+        nbytes = m * k * elem
+        xfer = p2p_transfer_us(p, nbytes, w)
+        # the last shard's GEMM cannot start before its data arrived
+        fused = max(fused_gemm, xfer + fused_gemm / w) + (1 - p.overlap) * xfer + p.p2p_latency_us
+        return {"unfused": nccl_us(p, "all_gather", nbytes, w) + gemm, "fused": fused}
+    if pattern == "gemm_reduce_scatter":
+        nbytes = m * n * elem
+        xfer = p2p_transfer_us(p, nbytes, w)
+        fused = max(fused_gemm, fused_gemm / w + xfer) + (1 - p.overlap) * xfer + p.p2p_latency_us
+        return {"unfused": gemm + nccl_us(p, "reduce_scatter", nbytes, w), "fused": fused}
+    raise ValueError(f"unknown pattern {pattern!r}")
+
+
+def decide(pattern: str, *, m: Optional[int], n: int, k: int, world_size: int, dtype: torch.dtype,
+           strategy: str, profile: Optional[DeviceProfile]) -> Decision:
+    """Pick an implementation for one match. ``m=None`` means dynamic (unknown at compile time)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    pred = {} if (profile is None or m is None) else predict(
+        pattern, m=m, n=n, k=k, world_size=world_size, elem=elem, profile=profile)
+    pred = {c: round(t, 2) for c, t in pred.items()}
+    if strategy in ("fused", "sequence_parallel"):
+        return Decision("fused", pred, f"strategy={strategy!r} fuses every match")
+    if strategy == "unfused":
+        return Decision("unfused", pred, "strategy='unfused'")
+    if profile is None:
+        return Decision("unfused", pred, "no device profile (CPU or unknown GPU): fused kernels need a "
+                                         "calibrated GPU, keeping NCCL/gloo + GEMM")
+    if m is None:
+        return Decision("auto", pred, "dynamic M: the op decides at run time from the actual M")
+    best = min(pred, key=pred.get)
+    if best == "fused" and pred["fused"] < pred["unfused"] * 0.99:
+        return Decision("fused", pred, f"fused predicted {pred['unfused'] / pred['fused']:.2f}x faster")
+    return Decision("unfused", pred, "fused not predicted >1% faster")
+
+
+@functools.lru_cache(maxsize=4096)
+def decide_at_runtime(pattern: str, *, m: int, n: int, k: int, world_size: int, dtype: torch.dtype) -> str:
+    """Called by the CUDA ops with ``impl="auto"``: ``"fused"`` or ``"unfused"`` for the actual M."""
+    d = decide(pattern, m=m, n=n, k=k, world_size=world_size, dtype=dtype, strategy="auto",
+               profile=_runtime_profile())
+    return "fused" if d.choice == "fused" else "unfused"
+
+
+@functools.lru_cache(maxsize=1)
+def _runtime_profile() -> Optional[DeviceProfile]:
+    env = os.environ.get("TDIST_PROFILE")
+    return DeviceProfile.load(env) if env else profile_for_device()

@@ -1,0 +1,107 @@
+"""All-reduce family: ``matmul -> all_reduce`` => ``tdist.gemm_all_reduce`` and a lone
+``all_reduce`` => ``tdist.all_reduce``.
+
+Row-parallel linears (o_proj, down_proj) under HF's plan or ``RowwiseParallel`` produce::
+
+    mm = aten.mm(a, b)                      # or addmm(bias, a, b)
+    y  = aten.reshape(mm, [B, S, N])        # zero or more single-user reshapes
+    ar = _c10d_functional.all_reduce(y, "sum", group)
+    out = _c10d_functional.wait_tensor(ar)
+
+(HF's in-place ``dist.all_reduce`` leaves an ``aten.copy(y, out)`` that ``normalize``
+folds.) After::
+
+    r   = tdist.gemm_all_reduce(a, b, bias, group, impl)     # [M, N]
+    out = aten.reshape(r, [B, S, N])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.fx as fx
+
+from tdcompile.passes.graph_utils import (NoMatch, Gemm, c10d, check_dtype, concrete, emit, erase_dead,
+                                          aten, is_call, log, module_path, producer_gemm, reshape_arg,
+                                          shape, tdist, wait_of)
+from tdcompile.passes.match import Match
+
+
+@dataclass
+class GemmAllReduceMatch(Match):
+    gemm: Gemm
+    chain: list
+    ar: fx.Node
+    wait: fx.Node
+    pattern: str = field(init=False, default="gemm_all_reduce")
+
+    def mnk(self):
+        m, n, k = self.gemm.mnk
+        return concrete(m), n, k
+
+    def replace_with(self, graph: fx.Graph, impl: str) -> None:
+        g = self.gemm
+        with graph.inserting_before(self.wait):
+            fused = emit(graph, tdist.gemm_all_reduce.default, (g.a, g.b, g.bias, self.group_name, impl), like=g.node)
+            out = fused
+            if self.chain:
+                out = emit(graph, aten.reshape.default, (fused, reshape_arg(shape(self.wait))), like=g.node)
+        self.wait.replace_all_uses_with(out)
+        erase_dead([self.wait, self.ar, *self.chain, g.node])
+
+
+@dataclass
+class AllReduceMatch(Match):
+    inp: fx.Node
+    ar: fx.Node
+    wait: fx.Node
+    pattern: str = field(init=False, default="all_reduce")
+
+    def mnk(self):
+        s = shape(self.inp)
+        rows = 1
+        for d in s[:-1]:
+            rows = rows * d
+        return concrete(rows), s[-1] if s else 1, 0
+
+    def replace_with(self, graph: fx.Graph, impl: str) -> None:
+        with graph.inserting_before(self.wait):
+            out = emit(graph, tdist.all_reduce.default, (self.inp, self.group_name, impl), like=self.inp)
+        self.wait.replace_all_uses_with(out)
+        erase_dead([self.wait, self.ar])
+
+
+def find_all_reduce_matches(graph: fx.Graph) -> list[Match]:
+    """Every ``all_reduce(sum)`` becomes a gemm_all_reduce match when a GEMM produces it,
+    otherwise a lone all_reduce match."""
+    matches: list[Match] = []
+    for ar in graph.find_nodes(op="call_function", target=c10d.all_reduce.default):
+        x, op, group = ar.args[:3]
+        try:
+            if op != "sum":
+                raise NoMatch(f"reduce op {op!r}")
+            wait = wait_of(ar)
+            dtype = check_dtype(x)
+            world = _world_size(group)
+        except NoMatch as e:
+            log.debug("all_reduce %s stays unfused: %s", ar.name, e)
+            continue
+        try:
+            gemm, chain = producer_gemm(x)
+            matches.append(GemmAllReduceMatch(module=module_path(gemm.node), group_name=group, world_size=world,
+                                              dtype=dtype, gemm=gemm, chain=chain, ar=ar, wait=wait))
+        except NoMatch as e:
+            log.debug("all_reduce %s: no GEMM fusion (%s); matching it alone", ar.name, e)
+            matches.append(AllReduceMatch(module=module_path(x), group_name=group, world_size=world, dtype=dtype,
+                                          inp=x, ar=ar, wait=wait))
+    return matches
+
+
+def _world_size(group_name: str) -> int:
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    try:
+        return dist.get_world_size(_resolve_process_group(group_name))
+    except Exception as e:  # group not resolvable in this process
+        raise NoMatch(f"cannot resolve process group {group_name!r}: {e}")

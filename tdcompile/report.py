@@ -1,0 +1,40 @@
+"""The rewrite report: what matched, where in the model, shapes, predicted times, why."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from tabulate import tabulate
+
+
+@dataclass
+class Report:
+    matches: list = field(default_factory=list)
+    """One :class:`tdcompile.passes.match.Decided` per match, over every compiled graph."""
+    graphs: list = field(default_factory=list)
+    """``(before, after)`` readable code of each compiled graph, in compile order."""
+
+    def by_pattern(self, pattern: str) -> list:
+        return [m for m in self.matches if m.pattern == pattern]
+
+    def rows(self) -> list[dict]:
+        out = []
+        for d in self.matches:
+            m, n, k = d.shape
+            out.append({"graph": d.graph_id, "pattern": d.pattern, "module": d.module,
+                        "M": "dyn" if m is None else m, "N": n, "K": k, "dtype": str(d.match.dtype).split(".")[-1],
+                        "choice": d.choice,
+                        "predicted_us": ", ".join(f"{c} {t:g}" for c, t in d.predicted_us.items()) or "-",
+                        "detail": d.match.describe(), "reason": d.reason})
+        return out
+
+    def __str__(self) -> str:
+        rows = self.rows()
+        if not rows:
+            return "tdist: no communication patterns matched"
+        table = tabulate(rows, headers="keys", tablefmt="simple")
+        fused = sum(d.rewritten for d in self.matches)
+        return f"{table}\n{len(rows)} matches, {fused} rewritten into tdist ops, in {len(self.graphs)} graph(s)"
+
+    def to_json(self) -> str:
+        return json.dumps(self.rows(), indent=2)
