@@ -132,18 +132,40 @@ class _Rewriter:
         a2d = self.pad_rows(a2d, like)
         return self._e(aten.slice.Tensor, (a2d, 0, self.rank * self.rows, (self.rank + 1) * self.rows), like)
 
+    def gather_padded(self, shard: fx.Node, like: fx.Node) -> fx.Node:
+        """all_gather of a shard: [T_pad, C] (one per shard, placed before its first consumer)."""
+        if shard not in self.gathered:
+            with self.graph.inserting_before(like):
+                g = self._e(c10d.all_gather_into_tensor.default, (shard, self.w, self.group), like)
+                self.gathered[shard] = self._e(c10d.wait_tensor.default, (g,), like)
+        return self.gathered[shard]
+
     def gather(self, n: fx.Node, like: fx.Node) -> fx.Node:
         """The replicated value of sharded ``n``, in n's original shape."""
-        if n not in self.gathered:
-            with self.graph.inserting_before(like):
-                g = self._e(c10d.all_gather_into_tensor.default, (self.shard[n], self.w, self.group), like)
-                g = self._e(c10d.wait_tensor.default, (g,), like)        # [T_pad, C]
-                if self.t_pad != self.t:
-                    g = self._e(aten.slice.Tensor, (g, 0, 0, self.t), like)
-                if len(shape(n)) != 2:
-                    g = self._e(aten.reshape.default, (g, list(shape(n))), like)
-            self.gathered[n] = g
-        return self.gathered[n]
+        g = self.gather_padded(self.shard[n], like)
+        with self.graph.inserting_before(like):
+            if self.t_pad != self.t:
+                g = self._e(aten.slice.Tensor, (g, 0, 0, self.t), like)
+            if len(shape(n)) != 2:
+                g = self._e(aten.reshape.default, (g, list(shape(n))), like)
+        return g
+
+    def gather_into_gemm(self, n: fx.Node) -> bool:
+        """``mm(a, b)`` with sharded 2-D ``a``: ``mm(all_gather(a'), b)`` directly (so it becomes
+        an all_gather_gemm), slicing padded rows off the *output*."""
+        gemm = as_gemm(n)
+        if gemm is None or gemm.a not in self.shard or len(shape(gemm.a)) != 2 or gemm.b in self.shard:
+            return False
+        g = self.gather_padded(self.shard[gemm.a], n)
+        with self.graph.inserting_before(n):
+            out = self._e(aten.mm.default, (g, gemm.b), n)
+            if gemm.bias is not None:
+                out = self._e(aten.add.Tensor, (out, gemm.bias), n)
+            if self.t_pad != self.t:
+                out = self._e(aten.slice.Tensor, (out, 0, 0, self.t), n)
+        n.replace_all_uses_with(out)
+        self.graph.erase_node(n)
+        return True
 
     # -- the region --------------------------------------------------------------------------
     def convert_all_reduce(self, ar: fx.Node, wait: fx.Node) -> None:
@@ -217,8 +239,15 @@ class _Rewriter:
                             if isinstance(a, tuple) else a for a in args]
                     self.shard[n] = self._e(n.target, tuple(args), n, dict(n.kwargs))
                 continue
+            if self.gather_into_gemm(n):
+                continue
             for a in inputs:   # a consumer that needs the whole tensor: gather first
                 n.replace_input_with(a, self.gather(a, n))
+        self.graph.eliminate_dead_code()
+        for ar, wait in ars:   # collectives are not dead code to FX: drop the replaced ones
+            for x in (wait, ar):
+                if not x.users:
+                    self.graph.erase_node(x)
         self.graph.eliminate_dead_code()
 
 

@@ -1,0 +1,91 @@
+"""Shared GEMM building blocks for the fused kernels: tile configs (chosen on the host from
+the shape only, identically on every rank: no autotuning in kernels that wait on peers),
+the tile swizzle and the K main loop.  Strides are runtime arguments (``b`` may be the
+transposed view of a row-major ``nn.Linear`` weight)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    BLOCK_SIZE_M: int
+    BLOCK_SIZE_N: int
+    BLOCK_SIZE_K: int
+    GROUP_SIZE_M: int
+    num_warps: int
+    num_stages: int
+
+    def kwargs(self) -> dict:
+        return dict(BLOCK_SIZE_M=self.BLOCK_SIZE_M, BLOCK_SIZE_N=self.BLOCK_SIZE_N, BLOCK_SIZE_K=self.BLOCK_SIZE_K,
+                    GROUP_SIZE_M=self.GROUP_SIZE_M, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def gemm_configs() -> list[GemmConfig]:
+    """Fixed configs (Hopper): small-M (memory bound), medium, large (compute bound)."""
+    return [
+        GemmConfig(64, 64, 128, 8, 4, 4),
+        GemmConfig(128, 128, 64, 8, 8, 4),
+        GemmConfig(128, 256, 64, 8, 8, 3),
+    ]
+
+
+def pick_config(m_rows: int, n: int, k: int) -> GemmConfig:
+    """Pure function of the shape (same answer on every rank)."""
+    small, medium, large = gemm_configs()
+    if m_rows <= 128:
+        return small
+    if m_rows * n <= 2048 * 5120:
+        return medium
+    return large
+
+
+def num_sms() -> int:
+    import torch
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+@triton.jit
+def swizzle(t, num_pid_m, num_pid_n, GROUP_SIZE_M: tl.constexpr):
+    """Grouped ordering of tile ``t`` over a ``num_pid_m x num_pid_n`` grid (L2 reuse)."""
+    num_pid_in_group = GROUP_SIZE_M * num_pid_n
+    group_id = t // num_pid_in_group
+    first_pid_m = group_id * GROUP_SIZE_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_SIZE_M)
+    pid_m = first_pid_m + ((t % num_pid_in_group) % group_size_m)
+    pid_n = (t % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def mm_tile(a_ptr, b_ptr, rows, cols, K, stride_am, stride_ak, stride_bk, stride_bn,
+            BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+            EVEN_K: tl.constexpr):
+    """fp32 accumulator of ``A[rows, :] @ B[:, cols]``; ``rows``/``cols`` must already be
+    clamped to valid indices (the caller masks the store)."""
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :].to(tl.int64) * stride_bn
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = offs_k < K - kk * BLOCK_SIZE_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_SIZE_K * stride_ak
+        b_ptrs += BLOCK_SIZE_K * stride_bk
+    return acc
+
+
+@triton.jit
+def add_bias(acc, bias_ptr, cols, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    return acc
