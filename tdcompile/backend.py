@@ -124,8 +124,13 @@ def tdist_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[di
 
 
 def register() -> None:
+    """Make ``backend="tdist"`` resolvable. When the package is installed, torch finds it
+    through the ``torch_dynamo_backends`` entry point (and registers it itself, so we must
+    not); when it is only importable (source tree on PYTHONPATH) we register it here."""
+    from importlib.metadata import entry_points
+
     from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
 
-    if _COMPILER_FNS.get("tdist") is not tdist_backend:
-        _COMPILER_FNS.pop("tdist", None)
-        register_backend(tdist_backend, name="tdist")
+    if "tdist" in _COMPILER_FNS or "tdist" in entry_points(group="torch_dynamo_backends").names:
+        return
+    register_backend(tdist_backend, name="tdist")

@@ -1,0 +1,5 @@
+import sys
+
+from tdcompile.cli import main
+
+sys.exit(main())
