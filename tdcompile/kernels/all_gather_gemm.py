@@ -17,7 +17,7 @@ import triton.language as tl
 from tdcompile.kernels import signals as sig
 from tdcompile.kernels.signals import block_barrier, record_error, wait_geq
 from tdcompile.kernels.symm import MAX_WORLD, OPS, PAD_SLOTS, Workspace, _Unsupported
-from tdcompile.kernels.tiles import mm_tile, num_sms, pick_config, swizzle
+from tdcompile.kernels.tiles import col_offsets, mm_tile, num_sms, pick_config, swizzle
 
 OP_ID = OPS.index("all_gather_gemm")
 ENTRY_CHANNEL, EXIT_CHANNEL = 2, 3
@@ -33,7 +33,7 @@ def _ag_barrier(pad_tab, pad_off, epoch_ptr, err_addr, err_code, rank, timeout_u
 
 @triton.jit(do_not_specialize=["m_seg", "rank", "err_code", "timeout_us"])
 def _ag_gemm_kernel(a_ptr, b_ptr, c_ptr, progress_ptr, m_seg, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                    stride_cm, err_addr, err_code, rank, timeout_us, WORLD: tl.constexpr, EVEN_K: tl.constexpr,
+                    stride_cm, err_addr, err_code, rank, timeout_us, WORLD: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
                     GROUP_SIZE_M: tl.constexpr):
     pid = tl.program_id(0)
@@ -53,8 +53,9 @@ def _ag_gemm_kernel(a_ptr, b_ptr, c_ptr, progress_ptr, m_seg, N, K, stride_am, s
             pid_m, pid_n = swizzle(t % tps, num_pid_m, num_pid_n, GROUP_SIZE_M)
             lrows = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
             cols = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+            ccols = col_offsets(pid_n, N, BLOCK_SIZE_N, EVEN_N)
             grows = s * m_seg + tl.where(lrows < m_seg, lrows, 0)
-            acc = mm_tile(a_ptr, b_ptr, grows, tl.where(cols < N, cols, 0), K, stride_am, stride_ak, stride_bk,
+            acc = mm_tile(a_ptr, b_ptr, grows, ccols, K, stride_am, stride_ak, stride_bk,
                           stride_bn, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, EVEN_K)
             mask = (lrows < m_seg)[:, None] & (cols < N)[None, :]
             orow = s * m_seg + lrows
@@ -85,9 +86,10 @@ def unsupported_reason(ws: Workspace, a: torch.Tensor, bs) -> str | None:
     return None
 
 
-def all_gather_gemm(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a: bool = False):
+def all_gather_gemm(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a: bool = False, out_a=None, outs=None):
     """``(A if return_a else empty, [A @ b for b in bs])`` with A the row-concatenation of
-    every rank's ``a_shard``; launched on the current stream."""
+    every rank's ``a_shard``; launched on the current stream.  ``out_a``/``outs``:
+    optional preallocated outputs (contiguous)."""
     ws.check()
     reason = unsupported_reason(ws, a_shard, bs)
     if reason:
@@ -97,8 +99,9 @@ def all_gather_gemm(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a: bo
     M = W * m
     esz = a_shard.element_size()
     shard = ws.region("all_gather_gemm.shard", triton.cdiv(ws.max_m, W) * K * esz)
-    A = torch.empty((M, K), dtype=a_shard.dtype, device=a_shard.device)
-    outs = [torch.empty((M, b.shape[1]), dtype=a_shard.dtype, device=a_shard.device) for b in bs]
+    A = torch.empty((M, K), dtype=a_shard.dtype, device=a_shard.device) if out_a is None else out_a
+    if outs is None:
+        outs = [torch.empty((M, b.shape[1]), dtype=a_shard.dtype, device=a_shard.device) for b in bs]
     pad_stride = PAD_SLOTS * MAX_WORLD
     cur = torch.cuda.current_stream()
     epoch = ws.bump_epoch("all_gather_gemm")
@@ -125,7 +128,7 @@ def all_gather_gemm(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a: bo
         _ag_gemm_kernel[(max(1, min(sms, W * tps)),)](
             A, b, c, ws.progress, m, N, K, A.stride(0), A.stride(1), b.stride(0), b.stride(1), c.stride(0),
             ws.err_addr, sig.error_code(OP_ID, r, sig.WHAT_SHARD_FLAG), r, ws.timeout_us, WORLD=W,
-            EVEN_K=K % cfg.BLOCK_SIZE_K == 0, BLOCK_SIZE_M=cfg.BLOCK_SIZE_M, BLOCK_SIZE_N=cfg.BLOCK_SIZE_N,
+            EVEN_K=K % cfg.BLOCK_SIZE_K == 0, EVEN_N=N % cfg.BLOCK_SIZE_N == 0, BLOCK_SIZE_M=cfg.BLOCK_SIZE_M, BLOCK_SIZE_N=cfg.BLOCK_SIZE_N,
             BLOCK_SIZE_K=cfg.BLOCK_SIZE_K, GROUP_SIZE_M=cfg.GROUP_SIZE_M, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
     cur.wait_stream(ws.side)
@@ -142,7 +145,7 @@ def local_gemm(a: torch.Tensor, b: torch.Tensor, grid_sms: int | None = None) ->
     sms = grid_sms or num_sms()
     _ag_gemm_kernel[(max(1, min(sms, tiles)),)](
         a, b, c, a, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), 0, 0, 0, 1,
-        WORLD=1, EVEN_K=K % cfg.BLOCK_SIZE_K == 0, BLOCK_SIZE_M=cfg.BLOCK_SIZE_M, BLOCK_SIZE_N=cfg.BLOCK_SIZE_N,
+        WORLD=1, EVEN_K=K % cfg.BLOCK_SIZE_K == 0, EVEN_N=N % cfg.BLOCK_SIZE_N == 0, BLOCK_SIZE_M=cfg.BLOCK_SIZE_M, BLOCK_SIZE_N=cfg.BLOCK_SIZE_N,
         BLOCK_SIZE_K=cfg.BLOCK_SIZE_K, GROUP_SIZE_M=cfg.GROUP_SIZE_M, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return c

@@ -16,7 +16,7 @@ import triton.language as tl
 from tdcompile.kernels import signals as sig
 from tdcompile.kernels.signals import fence_sys, peer_ptr, record_error, signal, wait_geq
 from tdcompile.kernels.symm import OPS, Workspace, _Unsupported
-from tdcompile.kernels.tiles import add_bias, mm_tile, num_sms, pick_config, swizzle
+from tdcompile.kernels.tiles import add_bias, col_offsets, mm_tile, num_sms, pick_config, swizzle
 
 OP_ID = OPS.index("gemm_reduce_scatter")
 
@@ -24,7 +24,7 @@ OP_ID = OPS.index("gemm_reduce_scatter")
 @triton.jit(do_not_specialize=["M_seg", "cap", "rank"])
 def _gemm_rs_producer(a_ptr, b_ptr, bias_ptr, stage_tab, flag_tab, cap, epoch_ptr, M_seg, N, K, stride_am,
                       stride_ak, stride_bk, stride_bn, rank, WORLD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      EVEN_K: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+                      EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
                       BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -41,10 +41,11 @@ def _gemm_rs_producer(a_ptr, b_ptr, bias_ptr, stage_tab, flag_tab, cap, epoch_pt
         pid_m, pid_n = swizzle(lt, num_pid_m, num_pid_n, GROUP_SIZE_M)
         lrows = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
         cols = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+        ccols = col_offsets(pid_n, N, BLOCK_SIZE_N, EVEN_N)
         grows = d * M_seg + tl.where(lrows < M_seg, lrows, 0)
-        acc = mm_tile(a_ptr, b_ptr, grows, tl.where(cols < N, cols, 0), K, stride_am, stride_ak, stride_bk,
+        acc = mm_tile(a_ptr, b_ptr, grows, ccols, K, stride_am, stride_ak, stride_bk,
                       stride_bn, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, EVEN_K)
-        acc = add_bias(acc, bias_ptr, tl.where(cols < N, cols, 0), HAS_BIAS)
+        acc = add_bias(acc, bias_ptr, ccols, HAS_BIAS)
         dst = peer_ptr(stage_tab, d, dt) + area + rank.to(tl.int64) * M_seg * N
         mask = (lrows < M_seg)[:, None] & (cols < N)[None, :]
         tl.store(dst + lrows[:, None].to(tl.int64) * N + cols[None, :], acc.to(dt), mask=mask)
@@ -124,7 +125,7 @@ def gemm_reduce_scatter(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias: t
     bias_arg = bias if bias is not None else a
     _gemm_rs_producer[(max(1, min(sms, W * tiles_seg)),)](
         a, b, bias_arg, stage.ptrs, flags.ptrs, cap, epoch, M_seg, N, K, a.stride(0), a.stride(1), b.stride(0),
-        b.stride(1), ws.rank, WORLD=W, HAS_BIAS=bias is not None, EVEN_K=K % cfg.BLOCK_SIZE_K == 0,
+        b.stride(1), ws.rank, WORLD=W, HAS_BIAS=bias is not None, EVEN_K=K % cfg.BLOCK_SIZE_K == 0, EVEN_N=N % cfg.BLOCK_SIZE_N == 0,
         BLOCK_SIZE_M=cfg.BLOCK_SIZE_M, BLOCK_SIZE_N=cfg.BLOCK_SIZE_N, BLOCK_SIZE_K=cfg.BLOCK_SIZE_K,
         GROUP_SIZE_M=cfg.GROUP_SIZE_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _gemm_rs_reducer[(max(1, min(sms, tiles_seg)),)](

@@ -61,6 +61,17 @@ def swizzle(t, num_pid_m, num_pid_n, GROUP_SIZE_M: tl.constexpr):
 
 
 @triton.jit
+def col_offsets(pid_n, N, BLOCK_SIZE_N: tl.constexpr, EVEN_N: tl.constexpr):
+    """Column indices of tile ``pid_n``, clamped to valid columns; when ``N % BLOCK_SIZE_N == 0``
+    they keep their contiguity hints (vectorised, cp.async-pipelined loads of B)."""
+    cols = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    if EVEN_N:
+        return tl.max_contiguous(tl.multiple_of(cols, BLOCK_SIZE_N), BLOCK_SIZE_N)
+    else:
+        return tl.where(cols < N, cols, 0)
+
+
+@triton.jit
 def mm_tile(a_ptr, b_ptr, rows, cols, K, stride_am, stride_ak, stride_bk, stride_bn,
             BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
             EVEN_K: tl.constexpr):
