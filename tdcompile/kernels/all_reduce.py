@@ -108,9 +108,10 @@ def all_reduce(ws: Workspace, x: torch.Tensor, out: torch.Tensor | None = None) 
     if x.data_ptr() % 16:
         x = x.clone()
     n = x.numel()
-    cap = ws.max_m * x.shape[-1]
-    cap = (cap + 4095) // 4096 * 4096
-    reg = ws.region("all_reduce", 4 * cap * x.element_size())
+    reg = ws.region("all_reduce", 4 * ws.max_m * x.shape[-1] * x.element_size())
+    cap = reg.nbytes // (4 * x.element_size())     # fixed by the region size (only grows, fully synced)
+    if n > cap:
+        raise _Unsupported(f"{n} elements > all_reduce workspace ({cap})")
     out = torch.empty_like(x) if out is None else out
     from tdcompile.kernels.tiles import num_sms
     one_shot, block, grid = config(ws, n * x.element_size(), n, num_sms())

@@ -104,10 +104,12 @@ def gemm_all_reduce(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias: torch
     M, K = a.shape
     N = b.shape[1]
     cfg = pick_config(M, N, K)
-    cap = ws.max_m * N
-    stage = ws.region("gemm_all_reduce.stage", 2 * cap * a.element_size())
+    stage = ws.region("gemm_all_reduce.stage", 2 * ws.max_m * N * a.element_size())
+    cap = stage.nbytes // (2 * a.element_size())   # fixed by the region size (only grows, fully synced)
     max_tiles = triton.cdiv(ws.max_m, 64) * triton.cdiv(N, 64)
     flags = ws.region("gemm_all_reduce.flags", 4 * max_tiles)
+    if M * N > cap or triton.cdiv(M, cfg.BLOCK_SIZE_M) * triton.cdiv(N, cfg.BLOCK_SIZE_N) * 4 > flags.nbytes:
+        raise _Unsupported("gemm_all_reduce workspace too small for this shape")
     out = torch.empty((M, N), dtype=a.dtype, device=a.device) if out is None else out
     sms = num_sms()
     tiles = triton.cdiv(M, cfg.BLOCK_SIZE_M) * triton.cdiv(N, cfg.BLOCK_SIZE_N)

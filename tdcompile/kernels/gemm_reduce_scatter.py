@@ -114,10 +114,13 @@ def gemm_reduce_scatter(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias: t
     W = ws.world
     M_seg = M // W
     cfg = pick_config(M, N, K)
-    cap = ws.max_m * N
-    stage = ws.region("gemm_reduce_scatter.stage", 2 * cap * a.element_size())
+    stage = ws.region("gemm_reduce_scatter.stage", 2 * ws.max_m * N * a.element_size())
+    cap = stage.nbytes // (2 * a.element_size())   # fixed by the region size (only grows, fully synced)
     max_tps = triton.cdiv(triton.cdiv(ws.max_m, W), 64) * triton.cdiv(N, 64)
     flags = ws.region("gemm_reduce_scatter.flags", 4 * W * max_tps)
+    tiles_seg = triton.cdiv(M_seg, cfg.BLOCK_SIZE_M) * triton.cdiv(N, cfg.BLOCK_SIZE_N)
+    if M * N > cap or 4 * W * tiles_seg > flags.nbytes:
+        raise _Unsupported("gemm_reduce_scatter workspace too small for this shape")
     out = torch.empty((M_seg, N), dtype=a.dtype, device=a.device) if out is None else out
     sms = num_sms() // (W if ws.sim is not None else 1)
     tiles_seg = triton.cdiv(M_seg, cfg.BLOCK_SIZE_M) * triton.cdiv(N, cfg.BLOCK_SIZE_N)
