@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     p_inspect.set_defaults(show_graph=False)
 
     extra = {}
-    for name, mod_name, add, main_fn in (("generate", "tdcompile.engine_cli", "add_generate_args", "generate_main"),
+    for name, mod_name, add, main_fn in (("generate", "tdcompile.generate", "add_generate_args", "generate_main"),
                                          ("bench", "tdcompile.bench", "add_bench_args", "bench_main"),
                                          ("calibrate", "tdcompile.calibrate", "add_calibrate_args", "calibrate_main")):
         try:
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
 
 def _call(device, fn, args) -> None:
-    fn(device, args)
+    fn(args)  # runs inside the initialized process group; the device is the rank's current one
 
 
 if __name__ == "__main__":
