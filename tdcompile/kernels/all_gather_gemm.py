@@ -17,7 +17,7 @@ import triton.language as tl
 from tdcompile.kernels import signals as sig
 from tdcompile.kernels.signals import block_barrier, record_error, wait_geq
 from tdcompile.kernels.symm import MAX_WORLD, OPS, PAD_SLOTS, Workspace, _Unsupported
-from tdcompile.kernels.tiles import col_offsets, mm_tile, num_sms, pick_config, swizzle
+from tdcompile.kernels.tiles import col_offsets, mm_tile, num_sms, pick_config, preload, swizzle
 
 OP_ID = OPS.index("all_gather_gemm")
 ENTRY_CHANNEL, EXIT_CHANNEL = 2, 3
@@ -104,11 +104,27 @@ def all_gather_gemm(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a: bo
         outs = [torch.empty((M, b.shape[1]), dtype=a_shard.dtype, device=a_shard.device) for b in bs]
     pad_stride = PAD_SLOTS * MAX_WORLD
     cur = torch.cuda.current_stream()
+    sms = num_sms() // (W if ws.sim is not None else 1)
+    launches = []
+    for b, c in zip(bs, outs):
+        N = b.shape[1]
+        cfg = pick_config(M, N, K)
+        tps = triton.cdiv(m, cfg.BLOCK_SIZE_M) * triton.cdiv(N, cfg.BLOCK_SIZE_N)
+        args = (A, b, c, ws.progress, m, N, K, A.stride(0), A.stride(1), b.stride(0), b.stride(1), c.stride(0),
+                ws.err_addr, sig.error_code(OP_ID, r, sig.WHAT_SHARD_FLAG), r, ws.timeout_us)
+        kw = dict(WORLD=W, EVEN_K=K % cfg.BLOCK_SIZE_K == 0, EVEN_N=N % cfg.BLOCK_SIZE_N == 0,
+                  BLOCK_SIZE_M=cfg.BLOCK_SIZE_M, BLOCK_SIZE_N=cfg.BLOCK_SIZE_N, BLOCK_SIZE_K=cfg.BLOCK_SIZE_K,
+                  GROUP_SIZE_M=cfg.GROUP_SIZE_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        grid = (max(1, min(sms, W * tps)),)
+        preload(_ag_gemm_kernel, grid, *args, **kw)
+        launches.append((grid, args, kw))
+    code = sig.error_code(OP_ID, r, sig.WHAT_BARRIER)
     epoch = ws.bump_epoch("all_gather_gemm")
+    preload(_ag_barrier, (1,), ws.pads.ptrs, ENTRY_CHANNEL * pad_stride, epoch, ws.err_addr, code, r, ws.timeout_us,
+            WORLD=W, num_warps=1)
     ws.progress.zero_()
     shard.local[: m * K * esz].view(a_shard.dtype).view(m, K).copy_(a_shard)
     A[r * m:(r + 1) * m].copy_(a_shard)
-    code = sig.error_code(OP_ID, r, sig.WHAT_BARRIER)
     _ag_barrier[(1,)](ws.pads.ptrs, ENTRY_CHANNEL * pad_stride, epoch, ws.err_addr, code, r, ws.timeout_us,
                       WORLD=W, num_warps=1)
     ws.side.wait_stream(cur)
@@ -120,17 +136,8 @@ def all_gather_gemm(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a: bo
             _write_flag(flags_u32, s, 1)
         _ag_barrier[(1,)](ws.pads.ptrs, EXIT_CHANNEL * pad_stride, epoch, ws.err_addr, code, r, ws.timeout_us,
                           WORLD=W, num_warps=1)
-    sms = num_sms() // (W if ws.sim is not None else 1)
-    for b, c in zip(bs, outs):
-        N = b.shape[1]
-        cfg = pick_config(M, N, K)
-        tps = triton.cdiv(m, cfg.BLOCK_SIZE_M) * triton.cdiv(N, cfg.BLOCK_SIZE_N)
-        _ag_gemm_kernel[(max(1, min(sms, W * tps)),)](
-            A, b, c, ws.progress, m, N, K, A.stride(0), A.stride(1), b.stride(0), b.stride(1), c.stride(0),
-            ws.err_addr, sig.error_code(OP_ID, r, sig.WHAT_SHARD_FLAG), r, ws.timeout_us, WORLD=W,
-            EVEN_K=K % cfg.BLOCK_SIZE_K == 0, EVEN_N=N % cfg.BLOCK_SIZE_N == 0, BLOCK_SIZE_M=cfg.BLOCK_SIZE_M, BLOCK_SIZE_N=cfg.BLOCK_SIZE_N,
-            BLOCK_SIZE_K=cfg.BLOCK_SIZE_K, GROUP_SIZE_M=cfg.GROUP_SIZE_M, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+    for grid, args, kw in launches:
+        _ag_gemm_kernel[grid](*args, **kw)
     cur.wait_stream(ws.side)
     return (A if return_a else A.new_empty(0)), outs
 

@@ -16,7 +16,7 @@ import triton.language as tl
 from tdcompile.kernels import signals as sig
 from tdcompile.kernels.signals import fence_sys, peer_ptr, record_error, signal, wait_geq
 from tdcompile.kernels.symm import OPS, Workspace, _Unsupported
-from tdcompile.kernels.tiles import add_bias, col_offsets, mm_tile, num_sms, pick_config, swizzle
+from tdcompile.kernels.tiles import add_bias, col_offsets, mm_tile, num_sms, pick_config, preload, swizzle
 
 OP_ID = OPS.index("gemm_reduce_scatter")
 
@@ -126,13 +126,18 @@ def gemm_reduce_scatter(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias: t
     tiles_seg = triton.cdiv(M_seg, cfg.BLOCK_SIZE_M) * triton.cdiv(N, cfg.BLOCK_SIZE_N)
     epoch = ws.bump_epoch("gemm_reduce_scatter")
     bias_arg = bias if bias is not None else a
-    _gemm_rs_producer[(max(1, min(sms, W * tiles_seg)),)](
+    _launch(_gemm_rs_producer, (max(1, min(sms, W * tiles_seg)),),
         a, b, bias_arg, stage.ptrs, flags.ptrs, cap, epoch, M_seg, N, K, a.stride(0), a.stride(1), b.stride(0),
         b.stride(1), ws.rank, WORLD=W, HAS_BIAS=bias is not None, EVEN_K=K % cfg.BLOCK_SIZE_K == 0, EVEN_N=N % cfg.BLOCK_SIZE_N == 0,
         BLOCK_SIZE_M=cfg.BLOCK_SIZE_M, BLOCK_SIZE_N=cfg.BLOCK_SIZE_N, BLOCK_SIZE_K=cfg.BLOCK_SIZE_K,
         GROUP_SIZE_M=cfg.GROUP_SIZE_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _gemm_rs_reducer[(max(1, min(sms, tiles_seg)),)](
+    _launch(_gemm_rs_reducer, (max(1, min(sms, tiles_seg)),),
         out, stage.ptrs, flags.ptrs, cap, epoch, M_seg, N, ws.err_addr,
         sig.error_code(OP_ID, ws.rank, sig.WHAT_TILE_FLAG), ws.rank, ws.timeout_us, WORLD=W,
         BLOCK_SIZE_M=cfg.BLOCK_SIZE_M, BLOCK_SIZE_N=cfg.BLOCK_SIZE_N, GROUP_SIZE_M=cfg.GROUP_SIZE_M, num_warps=8)
     return out
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    preload(kernel, grid, *args, **kwargs)
+    kernel[grid](*args, **kwargs)

@@ -60,7 +60,9 @@ class _NvshmemBackend:
     def __init__(self, pg, rank: int, world: int):
         import torch.distributed as dist
         import nvshmem.core as nvshmem
+        from nvshmem import bindings
         from cuda.core import Device
+        self.nvb = bindings
         self.nv, self.pg, self.rank, self.world = nvshmem, pg, rank, world
         if world != dist.get_world_size():
             raise RuntimeError("nvshmem backend needs the group to span the whole job")
@@ -78,7 +80,7 @@ class _NvshmemBackend:
 
     def alloc(self, nbytes: int) -> SymmAlloc:
         t = self.nv.tensor((nbytes,), dtype=torch.uint8)
-        addrs = [int(self.nv.bindings.ptr(t.data_ptr(), pe)) for pe in range(self.world)]
+        addrs = [int(self.nvb.ptr(t.data_ptr(), pe)) for pe in range(self.world)]
         if any(a == 0 for a in addrs):
             self.nv.free_tensor(t)
             raise RuntimeError("nvshmem_ptr returned NULL: peers not P2P-reachable")

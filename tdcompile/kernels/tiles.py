@@ -100,3 +100,35 @@ def add_bias(acc, bias_ptr, cols, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     return acc
+
+
+_LOADED: set = set()
+
+
+def _spec(v):
+    import torch
+    if isinstance(v, torch.Tensor):
+        return (str(v.dtype), v.data_ptr() % 16 == 0)
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, int):
+        return (v == 1, v % 16 == 0, abs(v) >= 2 ** 31)
+    return v
+
+
+def preload(kernel, grid, *args, **kwargs):
+    """Compile AND load ``kernel``'s variant for these arguments without launching it.
+
+    Must be called for every kernel an op will launch before the op launches anything that
+    waits on another rank: loading a module while a spinning kernel runs can block (the
+    deadlock in GPU_NOTES).  Cached by a cheap key mirroring Triton's specialisation."""
+    import torch
+    key = (id(kernel), torch.cuda.current_device(), tuple(_spec(a) for a in args),
+           tuple(sorted((k, _spec(v)) for k, v in kwargs.items())))
+    if key in _LOADED:
+        return
+    ck = kernel.warmup(*args, grid=grid, **kwargs)
+    if hasattr(ck, "result"):
+        ck = ck.result()
+    ck._init_handles()
+    _LOADED.add(key)
