@@ -54,7 +54,8 @@ class TdistPass(CustomGraphPass):
         before = self._dump(graph, gid, "00.input")
         normalize(graph)
         self._dump(graph, gid, "01.normalize.after")
-        if sequence_parallel.wanted(graph, opts, self.profile):
+        sp = sequence_parallel.decide(graph, opts, self.profile)
+        if sp.choice == "sequence_parallel":
             sequence_parallel.rewrite(graph)
             self._dump(graph, gid, "02.sequence_parallel.after")
 
@@ -66,7 +67,7 @@ class TdistPass(CustomGraphPass):
             decision = cost_model.decide(m.pattern, m=mm, n=n, k=k, world_size=m.world_size, dtype=m.dtype,
                                          strategy=opts.strategy, profile=self.profile)
             decided.append(Decided(m, decision, graph_id=gid))
-        report = Report(matches=decided)
+        report = Report(matches=decided, graph_decisions=[(gid, sp)])
         self._dump_text(gid, "03.match.txt", str(report))
 
         for d in decided:
@@ -78,6 +79,7 @@ class TdistPass(CustomGraphPass):
         log.info("tdist graph %d:\n%s", gid, report)
         for sink in _sinks:
             sink.matches.extend(decided)
+            sink.graph_decisions.append((gid, sp))
             sink.graphs.append((before, after))
 
     def uuid(self) -> Optional[str]:

@@ -233,8 +233,8 @@ class Engine:
         if not self.lm_head:
             raise ValueError("generate needs lm_head=True")
         b, s = input_ids.shape
-        if s + max_new_tokens > self.max_seq:
-            raise ValueError(f"{s} + {max_new_tokens} tokens > max_seq {self.max_seq}")
+        if s + max_new_tokens - 1 > self.max_seq:  # the last token is sampled, never cached
+            raise ValueError(f"{s} + {max_new_tokens} - 1 tokens > max_seq {self.max_seq}")
         input_ids = input_ids.to(self.device)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)

@@ -13,6 +13,8 @@ class Report:
     """One :class:`tdcompile.passes.match.Decided` per match, over every compiled graph."""
     graphs: list = field(default_factory=list)
     """``(before, after)`` readable code of each compiled graph, in compile order."""
+    graph_decisions: list = field(default_factory=list)
+    """``(graph_id, Decision)``: sequence parallel or all_reduce, per graph, with predictions."""
 
     def by_pattern(self, pattern: str) -> list:
         return [m for m in self.matches if m.pattern == pattern]
@@ -34,6 +36,9 @@ class Report:
             return "tdist: no communication patterns matched"
         table = tabulate(rows, headers="keys", tablefmt="simple")
         fused = sum(d.rewritten for d in self.matches)
+        for gid, d in self.graph_decisions:
+            pred = ", ".join(f"{c} {t:g} us" for c, t in d.predicted_us.items())
+            table += f"\ngraph {gid}: {d.choice} ({d.reason}{'; ' + pred if pred else ''})"
         return f"{table}\n{len(rows)} matches, {fused} rewritten into tdist ops, in {len(self.graphs)} graph(s)"
 
     def to_json(self) -> str:

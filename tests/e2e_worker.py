@@ -79,6 +79,26 @@ def decode_case(plan, strategy, b=2, prefill=8, steps=3):
     return {**_summary(rep), "step_diffs": diffs}
 
 
+def dynamic_m_case():
+    """One graph for several token counts (dynamic=True): with a GPU profile the ops get
+    impl="auto" and decide from the actual M at run time."""
+    ref = build_model()
+    model = build_tp_model(plan="hf")
+    rep = Report()
+    torch._dynamo.reset()
+    backend._sinks.append(rep)
+    diffs = []
+    try:
+        fn = torch.compile(model, backend="tdist", options={"strategy": "auto", "profile": "h200"}, dynamic=True)
+        with torch.no_grad():
+            for b, s in ((2, 16), (2, 9), (3, 5)):  # size 1 would specialize
+                ids = _ids(b, s, seed=b * s)
+                diffs.append((fn(ids, use_cache=False).logits - ref(ids, use_cache=False).logits).abs().max().item())
+    finally:
+        backend._sinks.remove(rep)
+    return {**_summary(rep), "diffs": diffs}
+
+
 def no_collective_case():
     """A model without collectives: tdist must equal plain Inductor."""
     model = build_model()
@@ -106,6 +126,7 @@ CASES = {
     "decode_hf_fused": lambda: decode_case("hf", "fused"),
     "decode_hf_sp": lambda: decode_case("hf", "sequence_parallel", b=3),
     "no_collectives": no_collective_case,
+    "dynamic_m": dynamic_m_case,
 }
 
 

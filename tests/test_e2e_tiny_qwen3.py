@@ -136,3 +136,11 @@ def test_sequence_parallel_decode_step_with_padding(results):
 def test_model_without_collectives_compiles_like_inductor(results):
     r = case(results, "no_collectives")
     assert r["matches"] == [] and r["max_diff_inductor"] <= 1e-6 and r["max_diff_eager"] <= TOL_FP32
+
+
+def test_dynamic_m_compiles_one_graph_and_decides_inside_the_ops(results):
+    r = case(results, "dynamic_m")
+    assert r["graphs"] == 1
+    gar = patterns(r, "gemm_all_reduce")
+    assert len(gar) == 4 and all(m["choice"] == "auto" and m["shape"][0] is None for m in gar)
+    assert max(r["diffs"]) <= TOL_FP32

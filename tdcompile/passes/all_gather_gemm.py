@@ -147,6 +147,8 @@ def find_all_gather_gemm_matches(graph: fx.Graph) -> list[Match]:
             gemms, views, others = _consumers(gathered, k, descendants(wait))
             if not gemms:
                 raise NoMatch("no matmul consumer")
+            if others:
+                reshape_arg(shape(wait))  # returning A needs its shape (<= 1 dynamic dim)
         except NoMatch as e:
             log.debug("all_gather %s stays unfused: %s", ag.name, e)
             continue

@@ -44,8 +44,8 @@ class GemmAllReduceMatch(Match):
         with graph.inserting_before(self.wait):
             fused = emit(graph, tdist.gemm_all_reduce.default, (g.a, g.b, g.bias, self.group_name, impl), like=g.node)
             out = fused
-            if self.chain:
-                out = emit(graph, aten.reshape.default, (fused, reshape_arg(shape(self.wait))), like=g.node)
+            if self.chain:   # reuse the graph's own target shape: it may hold symbolic sizes
+                out = emit(graph, aten.reshape.default, (fused, self.chain[-1].args[1]), like=g.node)
         self.wait.replace_all_uses_with(out)
         erase_dead([self.wait, self.ar, *self.chain, g.node])
 

@@ -85,6 +85,7 @@ def _scatter_permutation(x: fx.Node, world: int):
         raise NoMatch(f"scatter permutation on dim {dim}")
     if len(y.users) != 1:
         raise NoMatch(f"{y.name} has other users")
+    reshape_arg(shape(y))  # the input permutation needs y's shape (<= 1 dynamic dim)
     return y, (split, x, dim, y)
 
 
@@ -101,6 +102,7 @@ def find_gemm_reduce_scatter_matches(graph: fx.Graph) -> list[Match]:
             gemm, chain = producer_gemm(y)
             if perm is None and (concrete(shape(x)[0]) is None or shape(x)[0] % world):
                 raise NoMatch(f"scattered dim {shape(x)[0]} not known to divide by {world}")
+            reshape_arg(shape(wait))  # the output reshape must be expressible (<= 1 dynamic dim)
         except NoMatch as e:
             log.debug("reduce_scatter %s stays unfused: %s", rs.name, e)
             continue

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
+from tdcompile.cost_model import Decision
 from tdcompile.passes.graph_utils import (RESHAPES, NoMatch, as_gemm, aten, c10d, concrete, emit, is_call, log,
                                           producer_gemm, shape, val, wait_of)
 
@@ -58,33 +59,39 @@ def _tokens(n: fx.Node):
     return math.prod(s[:-1]) if s else None
 
 
-def wanted(graph: fx.Graph, options, profile) -> bool:
-    """Apply the rewrite? ``strategy="sequence_parallel"``: whenever possible; ``"auto"``:
-    when the cost model predicts the sequence-parallel graph faster than the all-reduce one."""
+def decide(graph: fx.Graph, options, profile) -> Decision:
+    """Sequence parallel for this graph? ``choice`` is ``"sequence_parallel"`` or ``"all_reduce"``.
+    ``strategy="sequence_parallel"``: whenever possible; ``"auto"``: when the cost model predicts
+    the sequence-parallel graph (best candidate per match, summed) faster than the all-reduce one."""
+    def no(reason, pred=None):
+        log.debug("sequence parallel skipped: %s", reason)
+        return Decision("all_reduce", pred or {}, reason)
+
     if options.strategy not in ("sequence_parallel", "auto"):
-        return False
+        return no(f"strategy={options.strategy!r}")
     ars = _all_reduces(graph)
     if not ars:
-        return False
+        return no("no all_reduce in the graph")
     t = _tokens(ars[0][0].args[0])
     if t is None or concrete(t) is None:
-        log.debug("sequence parallel skipped: dynamic token count")
-        return False
+        return no("dynamic token count (sequence parallel is decided per static shape)")
     if len({ar.args[2] for ar, _ in ars}) != 1:
-        log.debug("sequence parallel skipped: all_reduces over several groups")
-        return False
+        return no("all_reduces over several groups")
     if t < options.min_sp_rows:
-        log.debug("sequence parallel skipped: %d rows < min_sp_rows=%d", t, options.min_sp_rows)
-        return False
+        return no(f"{t} rows < min_sp_rows={options.min_sp_rows}")
     if options.strategy == "sequence_parallel":
-        return True
+        return Decision("sequence_parallel", {}, "strategy='sequence_parallel'")
     if profile is None:
-        return False
-    return _predicted_sp_gain(graph, profile) > 0.01
+        return no("no device profile: keeping all_reduce")
+    base, sp = _predicted_totals(graph, profile)
+    pred = {"all_reduce": round(base, 2), "sequence_parallel": round(sp, 2)}
+    if sp < base * 0.99:
+        return Decision("sequence_parallel", pred, f"sequence parallel predicted {base / sp:.2f}x faster for {t} rows")
+    return no(f"sequence parallel not predicted >1% faster for {t} rows", pred)
 
 
-def _predicted_sp_gain(graph: fx.Graph, profile) -> float:
-    """Relative gain of the SP graph: best candidate per match, summed, both ways."""
+def _predicted_totals(graph: fx.Graph, profile) -> tuple[float, float]:
+    """Summed best-candidate time of every match, as the graph is and after the rewrite."""
     from tdcompile import cost_model
     from tdcompile.passes.all_gather_gemm import find_all_gather_gemm_matches
     from tdcompile.passes.all_reduce import find_all_reduce_matches
@@ -99,12 +106,9 @@ def _predicted_sp_gain(graph: fx.Graph, profile) -> float:
                                         elem=val(m.wait).element_size(), profile=profile).values())
         return s
 
-    base = total(graph)
     sp_graph = copy.deepcopy(graph)
     rewrite(sp_graph)
-    sp = total(sp_graph)
-    log.debug("sequence parallel: predicted %.1f us vs %.1f us with all_reduce", sp, base)
-    return (base - sp) / base if base else 0.0
+    return total(graph), total(sp_graph)
 
 
 class _Rewriter:

@@ -1,0 +1,423 @@
+"""``tdcompile bench``: the seed's Qwen3 cases at TP = world, four columns, one run.
+
+Columns: eager TP (HF plan, NCCL/gloo), ``torch.compile`` inductor, inductor async TP
+(``_micro_pipeline_tp`` on the sequence-parallel ``torch_sp`` plan; ``torch`` plan for S=1
+decode, which SP cannot shard; CUDA and world > 1 only) and tdist. Rows: layer level (MLP,
+attention prefill/decode), E2E forward (prefill, decode; lm_head excluded and included) and
+full inference (prefill + N decode steps). Medians of CUDA-event (GPU) or perf_counter (CPU)
+timings, the max over ranks; decode and layer rows replay CUDA graphs on GPU.
+``--check`` compares last-position softmax of tdist, eager TP and a single-device reference.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from tdcompile.engine import Engine, Graphed, Timer
+from tdcompile.generate import add_model_args, model_setup, tdist_options
+from tdcompile.models import build_sharded
+
+COLUMNS = ("eager", "inductor", "async_tp", "tdist")
+HEADERS = {"eager": "eager TP", "inductor": "inductor", "async_tp": "async-TP", "tdist": "tdist"}
+
+
+@dataclass
+class Row:
+    group: str          # mlp | attn | e2e | infer
+    name: str
+    batch: int          # sequences (MLP: 1)
+    seq: int            # tokens per sequence in this call (1 = decode; MLP: M)
+    ctx: int = 0        # tokens already in the cache (decode)
+    lm_head: bool = False
+    steps: int = 0      # decode steps (infer)
+    max_seq: int = 0    # cache length (e2e / infer)
+
+    @property
+    def decode(self) -> bool:
+        return self.seq == 1
+
+
+def rows_for(args, large: int) -> list[Row]:
+    c, n = args.ctx, args.steps
+    if args.quick:
+        return [Row("mlp", "MLP M=16", 1, 16), Row("attn", f"attn decode bsz=4 ctx={c}", 4, 1, c),
+                Row("e2e", f"E2E prefill 2x{c} +lm_head", 2, c, lm_head=True, max_seq=c),
+                Row("e2e", "E2E decode bsz=4 +lm_head", 4, 1, c, lm_head=True, max_seq=c + n),
+                Row("infer", f"inference 4x{c} + {n} steps", 4, c, lm_head=True, steps=n, max_seq=c + n)]
+    rows = [Row("mlp", "MLP M=128", 1, 128), Row("mlp", "MLP M=4096", 1, 4096),
+            Row("attn", f"attn prefill bsz=1 ctx={c}", 1, c), Row("attn", f"attn prefill bsz=32 ctx={c}", 32, c),
+            Row("attn", f"attn decode bsz=128 ctx={c}", 128, 1, c),
+            Row("attn", f"attn decode bsz={large} ctx={c}", large, 1, c)]
+    for head in (False, True):
+        tag = " +lm_head" if head else ""
+        rows += [Row("e2e", f"E2E prefill 1x{c}{tag}", 1, c, lm_head=head, max_seq=c),
+                 Row("e2e", f"E2E prefill 32x{c}{tag}", 32, c, lm_head=head, max_seq=c),
+                 Row("e2e", f"E2E decode bsz={large}{tag}", large, 1, c, lm_head=head, max_seq=c + 1),
+                 Row("e2e", f"E2E decode bsz=128{tag}", 128, 1, c, lm_head=head, max_seq=c + n)]
+    # shares the Engine (and the decode graph) of the row above
+    return rows + [Row("infer", f"inference 128x{c} + {n} steps", 128, c, lm_head=True, steps=n, max_seq=c + n)]
+
+
+def large_batch(args, config, device, world: int) -> int:
+    """Largest decode batch (<= 4096) whose KV cache (ctx + 1) and activations fit next to the
+    model already on the device; the same on every rank."""
+    if args.large_batch or device.type != "cuda":
+        return args.large_batch or 8
+    free, _ = torch.cuda.mem_get_info(device)
+    kv = 2 * config.num_hidden_layers * (args.ctx + 1) * max(1, config.num_key_value_heads // world) \
+        * config.head_dim * 2                                                   # bytes per sequence
+    act = 2 * (4 * config.hidden_size + 3 * config.intermediate_size // world + 2 * config.vocab_size)
+    best = next((b for b in (4096, 2048, 1024, 512, 256) if b * (kv + act) < 0.7 * free), 128)
+    t = torch.tensor([best], device=device)
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+# ------------------------------------------------------------------ timing
+def measure(fn, timer: Timer, iters: int, graph: bool, rewind=None) -> float:
+    """Median ms of ``fn()`` (graph replay on CUDA when ``graph``); ``rewind`` runs untimed before each."""
+    rewind = rewind or (lambda: None)
+    if graph:
+        g = Graphed(fn, reset=rewind)
+        fn = g.run
+    else:
+        for _ in range(2):  # compile + warm-up
+            rewind()
+            fn()
+    times = []
+    for _ in range(iters):
+        rewind()
+        a = timer.mark()
+        fn()
+        times.append(timer.ms(a, timer.mark()))
+    return measure_values(times, torch.device("cuda" if timer.cuda else "cpu"))
+
+
+def measure_values(times: list, device) -> float:
+    """Median of ``times``, the max over ranks (the slowest rank sets the pace)."""
+    times = sorted(times)
+    med = torch.tensor([times[len(times) // 2]], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(med, op=dist.ReduceOp.MAX)
+    return float(med.item())
+
+
+def compiler(column: str, args):
+    """(backend, options) of a column for torch.compile / Engine."""
+    if column == "eager":
+        return "eager", None
+    if column == "tdist":
+        return "tdist", tdist_options(args)
+    if column == "async_tp":
+        return "inductor", {"_micro_pipeline_tp": True}
+    return "inductor", None
+
+
+def plan_for(column: str, row: Row) -> str:
+    """HF plan for every column but async TP: sequence parallel where S can be sharded, plain
+    Megatron TP (``torch``) for S=1 decode and the inference loop (whose decode is S=1)."""
+    if column != "async_tp":
+        return "hf"
+    return "torch" if row.decode or row.group == "infer" else "torch_sp"
+
+
+def run_row(row: Row, column: str, model, args, ctx: dict) -> float:
+    backend, options = compiler(column, args)
+    timer, device, world, rank = ctx["timer"], ctx["device"], ctx["world"], ctx["rank"]
+    gpu, cfg = device.type == "cuda", model.config
+    gen = torch.Generator().manual_seed(args.seed)
+    sp = plan_for(column, row) == "torch_sp"  # inputs are this rank's sequence chunk
+    comp = (lambda f: f) if backend == "eager" else \
+        (lambda f: torch.compile(f, backend=backend, options=options, fullgraph=True, dynamic=False))
+    if row.group in ("mlp", "attn"):
+        x = torch.randn(row.batch, row.seq, cfg.hidden_size, generator=gen).to(device, ctx["dtype"])  # [B, S, H]
+        x = x.chunk(world, dim=1)[rank].contiguous() if sp else x                                   # [B, S/w, H]
+    if row.group == "mlp":
+        mlp = comp(model.model.layers[0].mlp)
+        return measure(lambda: mlp(x), timer, args.iters, graph=gpu)
+    if row.group == "attn":
+        from transformers import StaticCache
+
+        attn, rot = model.model.layers[0].self_attn, model.model.rotary_emb
+        pos = torch.arange(row.ctx, row.ctx + row.seq, device=device).expand(row.batch, -1)       # [B, S]
+        cache = None
+        if row.decode:  # layer 0 of a cache holding ctx tokens; slot ctx takes the new one
+            cache = StaticCache(config=cfg, max_cache_len=row.ctx + 1)
+            k = attn.k_proj.weight
+            k = k.to_local() if hasattr(k, "to_local") else k                                       # [kv*D, H]
+            cache.early_initialization(row.batch, k.shape[0] // cfg.head_dim, cfg.head_dim, k.dtype, device)
+
+        def step(x, pos):
+            return attn(hidden_states=x, position_embeddings=rot(x, pos), attention_mask=None,
+                        past_key_values=cache)[0]
+        step = comp(step)
+        rewind = (lambda: cache.layers[0].cumulative_length.fill_(row.ctx)) if cache is not None else None
+        return measure(lambda: step(x, pos), timer, args.iters, graph=gpu, rewind=rewind)
+
+    key = (column, row.lm_head, row.max_seq, id(model))  # E2E decode 128 and inference share it
+    if ctx.get("engine_key") != key:
+        ctx["engine"] = ctx["engine_key"] = None
+        gc.collect()
+        ctx["engine"] = Engine(model, backend, options, max_batch=1 << 16, max_seq=row.max_seq,
+                               lm_head=row.lm_head)
+        ctx["engine_key"] = key
+    eng: Engine = ctx["engine"]
+    ids = torch.randint(0, cfg.vocab_size, (row.batch, row.seq), generator=gen).to(device)          # [B, S]
+    if row.group == "infer":
+        eng.generate(ids, row.steps + 1)  # compile + capture (the decode graph may already exist)
+        runs = [eng.generate(ids, row.steps + 1) for _ in range(args.infer_runs)]
+        ctx["infer"][column] = runs[-1].summary()
+        return measure_values([r.prefill_ms + r.decode_ms for r in runs], device)
+    eng.cache(row.batch)
+    if not row.decode:
+        return measure(lambda: eng.prefill(ids), timer, args.iters, graph=False,
+                       rewind=lambda: eng.seek(row.batch, 0))
+    eng.seek(row.batch, row.ctx)
+    if row.batch not in eng._ready:
+        eng.capture(row.batch)  # compiled, and captured in a CUDA graph on GPU
+    return measure(lambda: eng.decode(ids), timer, args.iters, graph=False,
+                   rewind=lambda: eng.seek(row.batch, row.ctx))
+
+
+def free_model(ctx: dict) -> None:
+    ctx["engine"], ctx["engine_key"] = None, None
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def versions() -> dict:
+    import transformers
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import triton
+
+        v["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def machine(device) -> dict:
+    m = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+    if device.type == "cuda":
+        m |= {"gpu": torch.cuda.get_device_name(device), "gpus": torch.cuda.device_count()}
+    return m
+
+
+# ------------------------------------------------------------------ check
+def check(args, config, dtype, device, rank: int, world: int) -> dict:
+    """Last-position fp32 softmax after a prefill and after one decode step: tdist and eager TP
+    against each other and against a single-device (unsharded) reference on rank 0."""
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, config.vocab_size, (args.check_batch, args.ctx), generator=gen).to(device)  # [B, S]
+
+    def run(model, backend, options=None):
+        eng = Engine(model, backend, options, max_batch=args.check_batch, max_seq=args.ctx + 1,
+                     cuda_graphs=args.cuda_graphs)
+        with torch.no_grad():
+            eng.cache(ids.shape[0]).reset()
+            first = eng.prefill(ids).float()                        # [B, V]
+            nxt = ctx_token if ctx_token is not None else first.argmax(-1)
+            return first.cpu(), eng.decode(nxt[:, None]).float().cpu(), nxt
+
+    ctx_token = None
+    model = build_sharded(config, "hf", dtype=dtype, device=device, seed=args.seed)
+    out = {"eager": run(model, "eager")}
+    ctx_token = out["eager"][2]
+    out["tdist"] = run(model, "tdist", tdist_options(args))
+    del model
+    free_model({})
+    need = sum(p.numel() for p in _meta_params(config)) * dtype.itemsize * 1.3
+    fits = device.type != "cuda" or torch.cuda.mem_get_info(device)[0] > need
+    if rank == 0 and fits:
+        ref = build_sharded(config, "none", dtype=dtype, device=device, seed=args.seed, progress=False)
+        out["reference"] = run(ref, "eager")
+        del ref
+        free_model({})
+    if world > 1:
+        dist.barrier()
+    res = {"layers": config.num_hidden_layers, "batch": args.check_batch, "ctx": args.ctx, "world": world,
+           "dtype": str(dtype).split(".")[-1], "reference": "single device" if "reference" in out else
+           "skipped: the unsharded model does not fit", "pairs": {}, "passed": True}
+    names = [n for n in ("tdist", "eager", "reference") if n in out]
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for step, j in (("prefill", 0), ("decode", 1)):
+                pa, pb = out[a][j].softmax(-1), out[b][j].softmax(-1)                 # [B, V] fp32
+                ok = bool(torch.allclose(pa, pb, atol=2e-2, rtol=2e-2))
+                res["pairs"][f"{a} vs {b} ({step})"] = {
+                    "allclose_2e-2": ok, "max_abs_prob_diff": float((pa - pb).abs().max()),
+                    "max_abs_logit_diff": float((out[a][j] - out[b][j]).abs().max()),
+                    "argmax_agree": float((out[a][j].argmax(-1) == out[b][j].argmax(-1)).float().mean())}
+                res["passed"] &= ok
+    return res
+
+
+def _meta_params(config):
+    from transformers import Qwen3ForCausalLM
+
+    with torch.device("meta"):
+        return list(Qwen3ForCausalLM(config).parameters())
+
+
+# ------------------------------------------------------------------ outputs
+def table(results: dict, rows: list[Row], avail: list[str]) -> list[dict]:
+    out = []
+    for row in rows:
+        r = results[row.name]
+        d = {"case": row.name, "graph": r.get("graph", "")}
+        for c in COLUMNS:
+            d[f"{HEADERS[c]} ms"] = (round(r[c], 3) if isinstance(r.get(c), float) else r.get(c)) \
+                if c in avail else "n/a"
+        for c in ("eager", "inductor", "async_tp"):
+            ok = isinstance(r.get(c), float) and isinstance(r.get("tdist"), float)
+            d[f"vs {HEADERS[c]}"] = round(r[c] / r["tdist"], 3) if ok else "n/a"
+        out.append(d)
+    return out
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("vs eager TP", "vs inductor", "vs async-TP") if any(isinstance(r[k], float) for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 5))
+    w = 0.8 / max(1, len(keys))
+    for i, k in enumerate(keys):
+        ax.bar([j + i * w for j in range(len(rows))], [r[k] if isinstance(r[k], float) else 0 for r in rows],
+               w, label=f"tdist {k}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + w * (len(keys) - 1) / 2 for j in range(len(rows))])
+    ax.set_xticklabels([r["case"] for r in rows], rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("speedup (x)")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ entry points
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--quick", action="store_true", help="tiny model, a few tiny cases (CPU tests)")
+    p.add_argument("--check", action="store_true", help="run the correctness check instead of the benchmark")
+    p.add_argument("--check-batch", type=int, default=2)
+    p.add_argument("--ctx", type=int, default=None, help="context / prompt length (default 128; quick 16)")
+    p.add_argument("--steps", type=int, default=None, help="decode steps of the inference row (128; quick 4)")
+    p.add_argument("--large-batch", type=int, default=None, help="default: the largest <= 4096 that fits")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per case (20; quick 3)")
+    p.add_argument("--infer-runs", type=int, default=3)
+    p.add_argument("--columns", default=",".join(COLUMNS))
+    p.add_argument("--cases", default=None, help="comma-separated substrings; keep only matching cases")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tag", default=None, help="file-name tag (default: device name)")
+
+
+def bench_main(args) -> dict:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if args.quick and args.model == "tiny" and args.layers is None:
+        args.layers = 1
+    args.ctx = args.ctx or (16 if args.quick else 128)
+    args.steps = args.steps or (4 if args.quick else 128)
+    args.iters = args.iters or (3 if args.quick else 20)
+    config, dtype, device = model_setup(args)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+            "machine": machine(device), "versions": versions(), "world": world, "device": str(device),
+            "dtype": str(dtype).split(".")[-1], "model": args.model, "layers": config.num_hidden_layers,
+            "hidden": config.hidden_size, "strategy": args.strategy}
+    tag = args.tag or (meta["machine"].get("gpu", "cpu").replace("NVIDIA ", "").replace(" ", "-").lower())
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = os.path.join(args.out, f"{'check' if args.check else 'bench'}-{tag}-tp{world}-{stamp}")
+    if args.check:
+        res = {**meta, **check(args, config, dtype, device, rank, world)}
+        say(json.dumps(res, indent=2))
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            with open(stem + ".json", "w") as f:
+                json.dump(res, f, indent=2)
+        return res
+
+    from tabulate import tabulate
+
+    avail = [c for c in args.columns.split(",") if c != "async_tp" or (device.type == "cuda" and world > 1)]
+    ctx = {"timer": Timer(device), "device": device, "world": world, "rank": rank, "dtype": dtype, "infer": {}}
+    models: dict = {}
+
+    def get_model(plan):
+        if plan not in models:
+            models.clear()
+            free_model(ctx)
+            models[plan] = build_sharded(config, plan, dtype=dtype, device=device, seed=args.seed)
+        return models[plan]
+
+    large = large_batch(args, config, device, world) if not args.quick else (args.large_batch or 8)
+    if device.type == "cuda" and not args.quick and not args.large_batch:
+        get_model("hf")
+        large = large_batch(args, config, device, world)
+    rows = rows_for(args, large)
+    if args.cases:
+        rows = [r for r in rows if any(s.strip() in r.name for s in args.cases.split(","))]
+    results = {r.name: {"graph": "yes" if device.type == "cuda" and (r.decode or r.group in ("mlp", "attn"))
+                        else "no"} for r in rows}
+    errors = {}
+    for column in sorted(avail, key=lambda c: c == "async_tp"):  # the hf model first, then the others
+        for row in rows:
+            model = get_model(plan_for(column, row))
+            try:
+                with torch.no_grad():
+                    results[row.name][column] = round(run_row(row, column, model, args, ctx), 4)
+            except Exception as e:  # noqa: BLE001  (a failed cell is reported, not fatal)
+                errors[f"{row.name} / {column}"] = f"{type(e).__name__}: {str(e)[:300]}"
+                results[row.name][column] = "error"
+            say(f"[bench] {column:9s} {row.name:34s} {results[row.name][column]} ms", flush=True)
+        ctx["engine"] = ctx["engine_key"] = None
+        torch._dynamo.reset()
+    models.clear()
+    free_model(ctx)
+    tab = table(results, rows, avail)
+    say(tabulate(tab, headers="keys", tablefmt="github", floatfmt=".3f"))
+    notes = [f"TP={world}; decode large batch = {large} (largest <= 4096 that fits)" if not args.quick else
+             "quick mode (tiny model)", "E2E prefill rows keep the last position's logits (logits_to_keep=1)",
+             "async-TP: torch_sp plan; S=1 decode and the inference loop use the torch plan (SP cannot shard S=1)",
+             "E2E decode bsz=128 and inference attend over a ctx+steps static cache; other decode rows ctx+1"]
+    res = {**meta, "large_batch": large, "iters": args.iters, "columns": avail, "rows": tab,
+           "inference": ctx["infer"], "errors": errors, "notes": notes}
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(stem + ".json", "w") as f:
+            json.dump(res, f, indent=2)
+        plot(tab, stem + ".png", f"tdist speedup, Qwen3 {config.num_hidden_layers} layers, TP={world}, "
+                                 f"{meta['machine'].get('gpu', 'CPU')}")
+        say(f"saved {stem}.json and {stem}.png")
+        if errors:
+            say("errors:\n" + "\n".join(f"  {k}: {v}" for k, v in errors.items()))
+    res["json"], res["png"] = stem + ".json", stem + ".png"
+    return res
+
+
+def main(argv=None) -> dict:  # python -m tdcompile.bench (single process, world 1)
+    p = argparse.ArgumentParser(description=__doc__)
+    add_bench_args(p)
+    return bench_main(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
