@@ -30,6 +30,7 @@ i.e. the transposed ``nn.Linear`` weight exactly as it appears in the ATen graph
 Off CUDA every ``impl`` runs the reference implementation.
 """
 from tdcompile.ops import library  # noqa: F401  (registers the ops)
+from tdcompile.ops import cuda  # noqa: F401  (CUDA implementations; imports no Triton until called)
 from tdcompile.ops.library import IMPLS, OP_NAMES
 
 __all__ = ["IMPLS", "OP_NAMES"]
