@@ -104,7 +104,10 @@ def all_gather_gemm(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a: bo
         outs = [torch.empty((M, b.shape[1]), dtype=a_shard.dtype, device=a_shard.device) for b in bs]
     pad_stride = PAD_SLOTS * MAX_WORLD
     cur = torch.cuda.current_stream()
-    sms = num_sms() // (W if ws.sim is not None else 1)
+    # Leave SMs free for work the GEMM waits on that may need them: same-device copies in
+    # simulation (D2D memcpy within one GPU runs as a kernel) and memset nodes in graphs.
+    reserve = 4 if ws.sim is not None else (2 if torch.cuda.is_current_stream_capturing() else 0)
+    sms = num_sms() // (W if ws.sim is not None else 1) - reserve
     launches = []
     for b, c in zip(bs, outs):
         N = b.shape[1]
@@ -134,8 +137,8 @@ def all_gather_gemm(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a: bo
             s = (r + i) % W
             A[s * m:(s + 1) * m].copy_(shard.peers[s][: m * K * esz].view(a_shard.dtype).view(m, K))
             _write_flag(flags_u32, s, 1)
-        _ag_barrier[(1,)](ws.pads.ptrs, EXIT_CHANNEL * pad_stride, epoch, ws.err_addr, code, r, ws.timeout_us,
-                          WORLD=W, num_warps=1)
+        _ag_barrier[(1,)](ws.pads.ptrs, EXIT_CHANNEL * pad_stride, epoch, ws.err_addr,
+                          sig.error_code(OP_ID, r, sig.WHAT_EXIT_BARRIER), r, ws.timeout_us, WORLD=W, num_warps=1)
     for grid, args, kw in launches:
         _ag_gemm_kernel[grid](*args, **kw)
     cur.wait_stream(ws.side)
@@ -151,7 +154,7 @@ def local_gemm(a: torch.Tensor, b: torch.Tensor, grid_sms: int | None = None) ->
     tiles = triton.cdiv(M, cfg.BLOCK_SIZE_M) * triton.cdiv(N, cfg.BLOCK_SIZE_N)
     sms = grid_sms or num_sms()
     _ag_gemm_kernel[(max(1, min(sms, tiles)),)](
-        a, b, c, a, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), 0, 0, 0, 1,
+        a, b, c, a, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), 1 << 40, 0, 0, 1,
         WORLD=1, EVEN_K=K % cfg.BLOCK_SIZE_K == 0, EVEN_N=N % cfg.BLOCK_SIZE_N == 0, BLOCK_SIZE_M=cfg.BLOCK_SIZE_M, BLOCK_SIZE_N=cfg.BLOCK_SIZE_N,
         BLOCK_SIZE_K=cfg.BLOCK_SIZE_K, GROUP_SIZE_M=cfg.GROUP_SIZE_M, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)

@@ -29,6 +29,7 @@ import triton.language as tl
 WHAT_BARRIER = 1
 WHAT_TILE_FLAG = 2
 WHAT_SHARD_FLAG = 3
+WHAT_EXIT_BARRIER = 4
 
 
 def error_code(op_id: int, rank: int, what: int = 0) -> int:
@@ -110,10 +111,18 @@ def signal(ptr, value):
 
 @triton.jit
 def record_error(err_addr, code):
-    """Store ``code`` into the host-mapped pinned error word at address ``err_addr`` (int64)."""
+    """Store ``code`` into the host-mapped pinned error word at address ``err_addr`` (int64)
+    unless an earlier error is already recorded (first error wins, modulo races)."""
     p = err_addr.to(tl.pointer_type(tl.int32))
-    tl.inline_asm_elementwise("st.relaxed.sys.global.b32 [$1], $2;\n mov.u32 $0, 0;", "=r,l,r", [p, code],
-                              dtype=tl.int32, is_pure=False, pack=1)
+    tl.inline_asm_elementwise(
+        """{
+        .reg .b32 %c;
+        .reg .pred %p;
+        ld.relaxed.sys.global.b32 %c, [$1];
+        setp.eq.s32 %p, %c, 0;
+        @%p st.relaxed.sys.global.b32 [$1], $2;
+        mov.u32 $0, 0;
+        }""", "=r,l,r", [p, code], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

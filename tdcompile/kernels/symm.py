@@ -199,7 +199,8 @@ class Workspace:
             op_id, rank, what = decode_error(code)
             op = OPS[op_id] if 0 <= op_id < len(OPS) else f"op#{op_id}"
             self.broken = True
-            kind = {1: "a barrier", 2: "a peer's tile flag", 3: "a shard flag"}.get(what, "a peer")
+            kind = {1: "a barrier", 2: "a peer's tile flag", 3: "a shard flag (copy engine pull)",
+                    4: "the exit barrier"}.get(what, "a peer")
             raise RuntimeError(f"tdist::{op}: rank {rank} timed out waiting for {kind} "
                                f"(group {self.name!r}, world {self.world}); the peer never arrived. "
                                f"Symmetric workspace state is now undefined.")
