@@ -322,10 +322,6 @@ def test_mm_with_a_second_user_stays_unfused_and_logs_why(fake_pg, pass_log):
     assert "mm has 2 users" in pass_log.text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG graph_utils.producer_gemm (tdcompile/passes/graph_utils.py:93-105) never checks the users "
-    "of the all_reduce input itself: when it is the mm (no reshape) or a reshape with a second user, "
-    "the mm is kept for the other user AND recomputed inside gemm_all_reduce"))
 @pytest.mark.parametrize("fn", [mm_with_second_user_no_reshape, reshape_with_second_user],
                          ids=["mm_directly", "reshape_between"])
 def test_mm_whose_output_has_a_second_user_is_not_fused_even_without_reshape(fake_pg, pass_log, fn):
@@ -412,10 +408,6 @@ def test_gather_into_addmm_adds_the_bias_after_the_op(fake_pg):
     assert report.matches[0].shape == (W * 4, N, K)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG all_gather_gemm.py AllGatherGemmMatch.replace_with: anchor = self.wait.next; when that node "
-    "is the weight's own t()/permute (nn.Linear right after the gather), hoist_inputs prepends the "
-    "anchor to itself and the fused op is emitted before its weight -> graph.lint() fails"))
 def test_gather_into_linear_whose_weight_is_transposed_after_the_wait_is_fused(fake_pg):
     _, after, _, _ = rewrite(gather_transposed_weight, r(4, K), r(N, K), strategy="fused")
     assert tdist_ops(after) == {"tdist.all_gather_gemm": 1}
@@ -656,10 +648,6 @@ def test_sequence_parallel_is_not_applied_by_auto_without_a_profile(fake_pg):
     assert after["c10d.all_reduce"] == 2 and not after["c10d.reduce_scatter_tensor"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG sequence_parallel._predicted_totals: the gate/up (q/k/v) GEMMs are plain mm (not a match) "
-    "in the all_reduce graph but part of all_gather_gemm in the SP graph, so only the SP side pays "
-    "for them; with free communication both graphs do the same GEMMs and should cost the same"))
 def test_sequence_parallel_prediction_counts_the_same_gemms_on_both_sides(fake_pg):
     import dataclasses
 
@@ -675,11 +663,6 @@ def test_sequence_parallel_prediction_counts_the_same_gemms_on_both_sides(fake_p
     assert pred["sequence_parallel"] == pytest.approx(pred["all_reduce"], rel=0.01)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG sequence_parallel._predicted_totals counts only matches: the plain all_gather that the SP "
-    "rewrite inserts before the graph output is free to it. On mm -> all_reduce -> output it predicts "
-    "gemm_reduce_scatter 10.0 us vs gemm_all_reduce 11.2 us and applies SP, adding an NCCL all_gather "
-    "(~33 us by the same model)"))
 def test_auto_does_not_trade_a_gemm_all_reduce_for_a_reduce_scatter_plus_an_uncosted_gather(fake_pg):
     _, after, report, _ = rewrite(mm_all_reduce_3d, r(B, S, K), r(K, N), strategy="auto", profile="h200")
     assert "c10d.all_gather_into_tensor" not in after

@@ -27,7 +27,7 @@ from typing import Optional
 import torch.fx as fx
 
 from tdcompile.passes.graph_utils import (RESHAPES, SPLITS, NoMatch, aten, as_gemm, c10d, check_dtype, concrete,
-                                          descendants, emit, emit_getitem, erase_dead, hoist_inputs, is_call, log,
+                                          check_hoistable, descendants, emit, emit_getitem, erase_dead, hoist_inputs, is_call, log,
                                           module_path, reshape_arg, shape, tdist, wait_of)
 from tdcompile.passes.match import Match
 
@@ -54,14 +54,9 @@ class AllGatherGemmMatch(Match):
 
     def replace_with(self, graph: fx.Graph, impl: str) -> None:
         k = shape(self.shard)[-1]
-        anchor = self.wait.next
-        forbidden = descendants(self.wait)
-        for g in self.gemms:
-            for inp in (g.b, g.bias):
-                if inp is not None:
-                    hoist_inputs(inp, anchor, forbidden)
         like = self.gemms[0].node
-        with graph.inserting_before(anchor):
+        forbidden = descendants(self.wait)
+        with graph.inserting_before(self.wait.next):   # right after the gather's wait
             a2d = emit(graph, aten.reshape.default, (self.shard, [-1, k]), like=like)
             fused = emit(graph, tdist.all_gather_gemm.default,
                          (a2d, [g.b for g in self.gemms], self.world_size, self.group_name, self.return_a, impl),
@@ -78,6 +73,11 @@ class AllGatherGemmMatch(Match):
                 a_full = emit_getitem(graph, fused, 0, like=like)
                 a_full = emit(graph, aten.reshape.default, (a_full, reshape_arg(shape(self.wait))), like=like)
                 self.wait.replace_all_uses_with(a_full)
+        # weights (and biases) defined after the gather move up, before the fused op reads them
+        for g in self.gemms:
+            for inp in (g.b, g.bias):
+                if inp is not None:
+                    hoist_inputs(inp, a2d, forbidden)
         dead = [g.node for g in self.gemms] + self.views
         if self.perm is not None:
             split, cat, _ = self.perm
@@ -149,6 +149,11 @@ def find_all_gather_gemm_matches(graph: fx.Graph) -> list[Match]:
                 raise NoMatch("no matmul consumer")
             if others:
                 reshape_arg(shape(wait))  # returning A needs its shape (<= 1 dynamic dim)
+            forbidden = descendants(wait)
+            for g in gemms:                # weights must be movable above the fused op
+                for inp in (g.b, g.bias):
+                    if inp is not None:
+                        check_hoistable(inp, wait, forbidden)
         except NoMatch as e:
             log.debug("all_gather %s stays unfused: %s", ag.name, e)
             continue

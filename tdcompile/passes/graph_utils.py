@@ -91,14 +91,18 @@ def as_gemm(n: Any) -> Optional[Gemm]:
 
 
 def producer_gemm(x: fx.Node) -> tuple[Gemm, list[fx.Node]]:
-    """Walk back from ``x`` through single-user reshapes to a single-user GEMM.
-    Returns the GEMM and the reshape chain (GEMM side first)."""
+    """Walk back from ``x`` (a collective's input) through reshapes to the GEMM producing it.
+    Every node on the way, ``x`` and the GEMM included, must have exactly one user: otherwise
+    the GEMM would still be needed and would run twice. Returns the GEMM and the reshape chain
+    (GEMM side first)."""
     chain = []
-    while is_call(x, *RESHAPES):
-        chain.append(x)
-        x = x.args[0]
+    while True:
         if len(x.users) != 1:
             raise NoMatch(f"{x.name} has {len(x.users)} users")
+        if not is_call(x, *RESHAPES):
+            break
+        chain.append(x)
+        x = x.args[0]
     gemm = as_gemm(x)
     if gemm is None:
         raise NoMatch(f"producer {x.name} ({x.target}) is not a matmul")
@@ -161,15 +165,14 @@ def emit_getitem(graph: fx.Graph, src: fx.Node, idx: int, like: Optional[fx.Node
     return node
 
 
-def hoist_inputs(node: fx.Node, anchor: fx.Node, forbidden: set) -> None:
-    """Move the (pure) ancestors of ``node`` that come after ``anchor`` to just before it, so a
-    fused op placed at ``anchor`` sees all its inputs. Raises NoMatch on anything impure or in
-    ``forbidden`` (e.g. nodes that depend on the collective being fused)."""
-    order = {n: i for i, n in enumerate(anchor.graph.nodes)}
+def _late_ancestors(node: fx.Node, after: fx.Node, forbidden: set) -> list[fx.Node]:
+    """Ancestors of ``node`` (itself included) placed after ``after``, in graph order.
+    Raises NoMatch if one is impure or in ``forbidden`` (depends on the collective)."""
+    order = {n: i for i, n in enumerate(after.graph.nodes)}
     todo, seen = [], set()
 
     def visit(n: fx.Node):
-        if n in seen or order[n] < order[anchor]:
+        if n in seen or order[n] <= order[after]:
             return
         if n in forbidden:
             raise NoMatch(f"{n.name} depends on the collective")
@@ -181,7 +184,18 @@ def hoist_inputs(node: fx.Node, anchor: fx.Node, forbidden: set) -> None:
         todo.append(n)
 
     visit(node)
-    for n in sorted(todo, key=order.get):
+    return sorted(todo, key=order.get)
+
+
+def check_hoistable(node: fx.Node, after: fx.Node, forbidden: set) -> None:
+    """Match-time check that ``hoist_inputs`` will succeed."""
+    _late_ancestors(node, after, forbidden)
+
+
+def hoist_inputs(node: fx.Node, anchor: fx.Node, forbidden: set) -> None:
+    """Move the (pure) ancestors of ``node`` that come after ``anchor`` to just before it, so a
+    fused op placed at ``anchor`` sees all its inputs."""
+    for n in _late_ancestors(node, anchor, forbidden):
         anchor.prepend(n)
 
 

@@ -90,25 +90,44 @@ def decide(graph: fx.Graph, options, profile) -> Decision:
     return no(f"sequence parallel not predicted >1% faster for {t} rows", pred)
 
 
-def _predicted_totals(graph: fx.Graph, profile) -> tuple[float, float]:
-    """Summed best-candidate time of every match, as the graph is and after the rewrite."""
-    from tdcompile import cost_model
+def graph_time_us(graph: fx.Graph, profile) -> float:
+    """Predicted time of a graph's GEMMs and collectives: every GEMM at cuBLAS speed and every
+    collective through NCCL, minus what each match's best candidate saves over that."""
+    from tdcompile import cost_model as cm
     from tdcompile.passes.all_gather_gemm import find_all_gather_gemm_matches
     from tdcompile.passes.all_reduce import find_all_reduce_matches
     from tdcompile.passes.gemm_reduce_scatter import find_gemm_reduce_scatter_matches
 
-    def total(g: fx.Graph) -> float:
-        ms = find_all_gather_gemm_matches(g) + find_gemm_reduce_scatter_matches(g) + find_all_reduce_matches(g)
-        s = 0.0
-        for m in ms:
-            mm, n, k = m.mnk()
-            s += min(cost_model.predict(m.pattern, m=mm, n=n, k=k, world_size=m.world_size,
-                                        elem=val(m.wait).element_size(), profile=profile).values())
-        return s
+    total = 0.0
+    for n in graph.nodes:
+        g = as_gemm(n)
+        v = val(n) if n.op == "call_function" else None
+        if g is not None:
+            total += cm.gemm_us(profile, *g.mnk, v.element_size())
+        elif is_call(n, c10d.all_reduce.default, c10d.all_gather_into_tensor.default,
+                     c10d.reduce_scatter_tensor.default):
+            kind = {c10d.all_reduce.default: "all_reduce", c10d.all_gather_into_tensor.default: "all_gather",
+                    c10d.reduce_scatter_tensor.default: "reduce_scatter"}[n.target]
+            inp = val(n.args[0])
+            w = n.args[1] if kind == "all_gather" else (n.args[2] if kind == "reduce_scatter" else None)
+            w = w or dist.get_world_size(torch.distributed.distributed_c10d._resolve_process_group(n.args[2]))
+            nbytes = inp.numel() * inp.element_size() * (w if kind == "all_gather" else 1)
+            total += cm.nccl_us(profile, kind, nbytes, w)
+    matches = find_all_gather_gemm_matches(graph) + find_gemm_reduce_scatter_matches(graph) + \
+        find_all_reduce_matches(graph)
+    for m in matches:
+        mm, n, k = m.mnk()
+        pred = cm.predict(m.pattern, m=mm, n=n, k=k, world_size=m.world_size,
+                          elem=torch.empty((), dtype=m.dtype).element_size(), profile=profile)
+        total -= max(0.0, pred["unfused"] - min(pred.values()))
+    return total
 
+
+def _predicted_totals(graph: fx.Graph, profile) -> tuple[float, float]:
+    """Predicted time of the graph as it is and after the sequence-parallel rewrite."""
     sp_graph = copy.deepcopy(graph)
     rewrite(sp_graph)
-    return total(graph), total(sp_graph)
+    return graph_time_us(graph, profile), graph_time_us(sp_graph, profile)
 
 
 class _Rewriter:
