@@ -65,6 +65,19 @@ def _ag_gemm_kernel(a_ptr, b_ptr, c_ptr, progress_ptr, m_seg, N, K, stride_am, s
         record_error(err_addr, err_code)
 
 
+import os as _os
+import time as _time
+
+_DEBUG = _os.environ.get("TDCOMPILE_DEBUG_HOST") == "1"
+
+
+def _dbg(ws, what, t0=[0.0]):
+    if _DEBUG:
+        now = _time.perf_counter()
+        print(f"[ag r{ws.rank}] {what:28s} +{(now - t0[0]) * 1e3:8.2f} ms  err={int(ws.err[0])}", flush=True)
+        t0[0] = now
+
+
 def _write_flag(flags_u32: torch.Tensor, idx: int, val: int) -> None:
     """Copy-engine flag write on the current stream (no SMs)."""
     from torch._C._distributed_c10d import _SymmetricMemory
@@ -125,22 +138,28 @@ def all_gather_gemm(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a: bo
     epoch = ws.bump_epoch("all_gather_gemm")
     preload(_ag_barrier, (1,), ws.pads.ptrs, ENTRY_CHANNEL * pad_stride, epoch, ws.err_addr, code, r, ws.timeout_us,
             WORLD=W, num_warps=1)
+    _dbg(ws, "preloaded")
     ws.progress.zero_()
     shard.local[: m * K * esz].view(a_shard.dtype).view(m, K).copy_(a_shard)
     A[r * m:(r + 1) * m].copy_(a_shard)
     _ag_barrier[(1,)](ws.pads.ptrs, ENTRY_CHANNEL * pad_stride, epoch, ws.err_addr, code, r, ws.timeout_us,
                       WORLD=W, num_warps=1)
+    _dbg(ws, "entry barrier launched")
     ws.side.wait_stream(cur)
     flags_u32 = ws.progress.view(torch.uint32)
     with torch.cuda.stream(ws.side):
         for i in range(1, W):
             s = (r + i) % W
             A[s * m:(s + 1) * m].copy_(shard.peers[s][: m * K * esz].view(a_shard.dtype).view(m, K))
+            _dbg(ws, f"pull {s} enqueued")
             _write_flag(flags_u32, s, 1)
+            _dbg(ws, f"flag {s} enqueued")
         _ag_barrier[(1,)](ws.pads.ptrs, EXIT_CHANNEL * pad_stride, epoch, ws.err_addr,
                           sig.error_code(OP_ID, r, sig.WHAT_EXIT_BARRIER), r, ws.timeout_us, WORLD=W, num_warps=1)
+    _dbg(ws, "exit barrier launched")
     for grid, args, kw in launches:
         _ag_gemm_kernel[grid](*args, **kw)
+    _dbg(ws, "gemms launched")
     cur.wait_stream(ws.side)
     return (A if return_a else A.new_empty(0)), outs
 

@@ -163,17 +163,20 @@ def test_all_gather_gemm(W):
 
 
 # ------------------------------------------------------------------------------ repeat / graphs
-def _run_all(sim, W, inputs):
+def _run_all(sim, W, inputs, group="all"):
     from tdcompile.kernels.all_gather_gemm import all_gather_gemm
     from tdcompile.kernels.all_reduce import all_reduce
     from tdcompile.kernels.gemm_all_reduce import gemm_all_reduce
     from tdcompile.kernels.gemm_reduce_scatter import gemm_reduce_scatter
     x, a, b, sh = inputs
-    o1 = sim.run(lambda ws, t: all_reduce(ws, t), [(x[r],) for r in range(W)])
-    o2 = sim.run(lambda ws, t, u: gemm_all_reduce(ws, t, u), [(a[r], b[r]) for r in range(W)])
-    o3 = sim.run(lambda ws, t, u: gemm_reduce_scatter(ws, t, u), [(a[r], b[r]) for r in range(W)])
-    o4 = sim.run(lambda ws, s, u: all_gather_gemm(ws, s, [u])[1][0], [(sh[r], b[r]) for r in range(W)])
-    return o1 + o2 + o3 + o4
+    outs = []
+    if group in ("all", "reduce"):
+        outs += sim.run(lambda ws, t: all_reduce(ws, t), [(x[r],) for r in range(W)])
+        outs += sim.run(lambda ws, t, u: gemm_all_reduce(ws, t, u), [(a[r], b[r]) for r in range(W)])
+        outs += sim.run(lambda ws, t, u: gemm_reduce_scatter(ws, t, u), [(a[r], b[r]) for r in range(W)])
+    if group in ("all", "gather"):
+        outs += sim.run(lambda ws, s, u: all_gather_gemm(ws, s, [u])[1][0], [(sh[r], b[r]) for r in range(W)])
+    return outs
 
 
 def _inputs(W, M=256, N=512, K=256):
@@ -184,19 +187,21 @@ def _inputs(W, M=256, N=512, K=256):
     return x, a, b, sh
 
 
+@pytest.mark.parametrize("group", ["reduce", "gather"])
 @pytest.mark.parametrize("W", [2, 4])
-def test_back_to_back_and_graph_replay(W):
-    sim = world(W)
+def test_back_to_back_and_graph_replay(W, group):
+    from tdcompile.kernels.symm import SimWorld
+    sim = SimWorld(W)
     inputs = _inputs(W)
-    first = [o.clone() for o in _run_all(sim, W, inputs)]
+    first = [o.clone() for o in _run_all(sim, W, inputs, group)]
     for _ in range(20):                                   # back-to-back, no sync in between
-        outs = _run_all(sim, W, inputs)
+        outs = _run_all(sim, W, inputs, group)
     sim.check()
     for o, f in zip(outs, first):
         assert torch.equal(o, f)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        gouts = _run_all(sim, W, inputs)
+        gouts = _run_all(sim, W, inputs, group)
     for _ in range(int(os.environ.get("TDCOMPILE_TEST_REPLAYS", "50"))):
         g.replay()
     sim.check()
@@ -207,7 +212,7 @@ def test_back_to_back_and_graph_replay(W):
     for old_list, new_list in zip(inputs, new):
         for t_old, t_new in zip(old_list, new_list):
             t_old.copy_(t_new)
-    expect = [o.clone() for o in _run_all(sim, W, inputs)]
+    expect = [o.clone() for o in _run_all(sim, W, inputs, group)]
     for _ in range(3):
         g.replay()
     sim.check()
