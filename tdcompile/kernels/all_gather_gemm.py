@@ -16,7 +16,7 @@ import triton.language as tl
 
 from tdcompile.kernels import signals as sig
 from tdcompile.kernels.signals import block_barrier, record_error, wait_geq
-from tdcompile.kernels.symm import MAX_WORLD, OPS, PAD_SLOTS, Workspace, _Unsupported
+from tdcompile.kernels.symm import MAX_WORLD, OPS, PAD_SLOTS, Workspace, _Unsupported, phased
 from tdcompile.kernels.tiles import col_offsets, mm_tile, num_sms, pick_config, preload, swizzle
 
 OP_ID = OPS.index("all_gather_gemm")
@@ -99,6 +99,7 @@ def unsupported_reason(ws: Workspace, a: torch.Tensor, bs) -> str | None:
     return None
 
 
+@phased
 def all_gather_gemm(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a: bool = False, out_a=None, outs=None):
     """``(A if return_a else empty, [A @ b for b in bs])`` with A the row-concatenation of
     every rank's ``a_shard``; launched on the current stream.  ``out_a``/``outs``:
@@ -142,11 +143,13 @@ def all_gather_gemm(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a: bo
     ws.progress.zero_()
     shard.local[: m * K * esz].view(a_shard.dtype).view(m, K).copy_(a_shard)
     A[r * m:(r + 1) * m].copy_(a_shard)
+    yield
     _ag_barrier[(1,)](ws.pads.ptrs, ENTRY_CHANNEL * pad_stride, epoch, ws.err_addr, code, r, ws.timeout_us,
                       WORLD=W, num_warps=1)
     _dbg(ws, "entry barrier launched")
     ws.side.wait_stream(cur)
     flags_u32 = ws.progress.view(torch.uint32)
+    yield
     with torch.cuda.stream(ws.side):
         for i in range(1, W):
             s = (r + i) % W
@@ -154,6 +157,8 @@ def all_gather_gemm(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a: bo
             _dbg(ws, f"pull {s} enqueued")
             _write_flag(flags_u32, s, 1)
             _dbg(ws, f"flag {s} enqueued")
+    yield
+    with torch.cuda.stream(ws.side):
         _ag_barrier[(1,)](ws.pads.ptrs, EXIT_CHANNEL * pad_stride, epoch, ws.err_addr,
                           sig.error_code(OP_ID, r, sig.WHAT_EXIT_BARRIER), r, ws.timeout_us, WORLD=W, num_warps=1)
     _dbg(ws, "exit barrier launched")

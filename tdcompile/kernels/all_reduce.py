@@ -17,7 +17,7 @@ import triton.language as tl
 
 from tdcompile.kernels import signals as sig
 from tdcompile.kernels.signals import block_barrier, peer_ptr, record_error
-from tdcompile.kernels.symm import OPS, PAD_SLOTS, MAX_WORLD, Workspace, _Unsupported
+from tdcompile.kernels.symm import OPS, PAD_SLOTS, MAX_WORLD, Workspace, _Unsupported, phased
 
 OP_ID = OPS.index("all_reduce")
 ONE_SHOT_MAX_BYTES_W2 = 4 << 20
@@ -98,6 +98,7 @@ def unsupported_reason(ws: Workspace, x: torch.Tensor) -> str | None:
     return None
 
 
+@phased
 def all_reduce(ws: Workspace, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of ``x`` over the ranks of ``ws``; launched on the current stream."""
     ws.check()
@@ -116,6 +117,7 @@ def all_reduce(ws: Workspace, x: torch.Tensor, out: torch.Tensor | None = None) 
     from tdcompile.kernels.tiles import num_sms
     one_shot, block, grid = config(ws, n * x.element_size(), n, num_sms())
     epoch = ws.bump_epoch("all_reduce")
+    yield
     _all_reduce_kernel[(grid,)](
         x, out, n, reg.ptrs, cap, ws.pads.ptrs, 0, epoch, ws.err_addr,
         sig.error_code(OP_ID, ws.rank, sig.WHAT_BARRIER), ws.rank, ws.timeout_us,

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from tdcompile.kernels import signals as sig
 from tdcompile.kernels.signals import fence_sys, peer_ptr, record_error, signal, wait_geq
-from tdcompile.kernels.symm import OPS, Workspace, _Unsupported
+from tdcompile.kernels.symm import OPS, Workspace, _Unsupported, phased
 from tdcompile.kernels.tiles import add_bias, col_offsets, mm_tile, num_sms, pick_config, preload, swizzle
 
 OP_ID = OPS.index("gemm_all_reduce")
@@ -94,6 +94,7 @@ def unsupported_reason(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias) ->
     return None
 
 
+@phased
 def gemm_all_reduce(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """``all_reduce(a @ b + bias)`` for the ranks of ``ws``; launched on the current stream."""
@@ -125,6 +126,11 @@ def gemm_all_reduce(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias: torch
         b.stride(1), ws.rank, HAS_BIAS=bias is not None, EVEN_K=K % cfg.BLOCK_SIZE_K == 0, EVEN_N=N % cfg.BLOCK_SIZE_N == 0,
         BLOCK_SIZE_M=cfg.BLOCK_SIZE_M, BLOCK_SIZE_N=cfg.BLOCK_SIZE_N, BLOCK_SIZE_K=cfg.BLOCK_SIZE_K,
         GROUP_SIZE_M=cfg.GROUP_SIZE_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    preload(_gemm_ar_reducer, (n_red,), out, stage.ptrs, flags.ptrs, cap, epoch, M, N, ws.err_addr,
+            sig.error_code(OP_ID, ws.rank, sig.WHAT_TILE_FLAG), ws.rank, ws.timeout_us, WORLD=ws.world,
+            BLOCK_SIZE_M=cfg.BLOCK_SIZE_M, BLOCK_SIZE_N=cfg.BLOCK_SIZE_N, GROUP_SIZE_M=cfg.GROUP_SIZE_M,
+            num_warps=8)
+    yield
     with torch.cuda.stream(ws.side):
         _launch(_gemm_ar_reducer, (n_red,),
             out, stage.ptrs, flags.ptrs, cap, epoch, M, N, ws.err_addr,

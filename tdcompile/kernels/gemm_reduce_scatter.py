@@ -15,7 +15,7 @@ import triton.language as tl
 
 from tdcompile.kernels import signals as sig
 from tdcompile.kernels.signals import fence_sys, peer_ptr, record_error, signal, wait_geq
-from tdcompile.kernels.symm import OPS, Workspace, _Unsupported
+from tdcompile.kernels.symm import OPS, Workspace, _Unsupported, phased
 from tdcompile.kernels.tiles import add_bias, col_offsets, mm_tile, num_sms, pick_config, preload, swizzle
 
 OP_ID = OPS.index("gemm_reduce_scatter")
@@ -102,6 +102,7 @@ def unsupported_reason(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias) ->
     return None
 
 
+@phased
 def gemm_reduce_scatter(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
                         out: torch.Tensor | None = None) -> torch.Tensor:
     """``reduce_scatter(a @ b + bias)`` over dim 0: this rank gets rows [r*M/W, (r+1)*M/W)."""
@@ -131,6 +132,7 @@ def gemm_reduce_scatter(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias: t
         b.stride(1), ws.rank, WORLD=W, HAS_BIAS=bias is not None, EVEN_K=K % cfg.BLOCK_SIZE_K == 0, EVEN_N=N % cfg.BLOCK_SIZE_N == 0,
         BLOCK_SIZE_M=cfg.BLOCK_SIZE_M, BLOCK_SIZE_N=cfg.BLOCK_SIZE_N, BLOCK_SIZE_K=cfg.BLOCK_SIZE_K,
         GROUP_SIZE_M=cfg.GROUP_SIZE_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    yield
     _launch(_gemm_rs_reducer, (max(1, min(sms, tiles_seg)),),
         out, stage.ptrs, flags.ptrs, cap, epoch, M_seg, N, ws.err_addr,
         sig.error_code(OP_ID, ws.rank, sig.WHAT_TILE_FLAG), ws.rank, ws.timeout_us, WORLD=W,

@@ -217,6 +217,25 @@ class Workspace:
         self.regions.clear()
 
 
+def phased(gen_fn):
+    """Launcher decorator: the body is a generator yielding between phases.  Real groups
+    run it straight through; simulated ranks get the generator (``SimWorld.run`` steps all
+    ranks phase by phase)."""
+    import functools
+
+    @functools.wraps(gen_fn)
+    def wrapper(ws, *args, **kwargs):
+        gen = gen_fn(ws, *args, **kwargs)
+        if ws.sim is not None:
+            return gen
+        try:
+            while True:
+                next(gen)
+        except StopIteration as e:
+            return e.value
+    return wrapper
+
+
 class _Unsupported(Exception):
     """Raised by launchers when the fused path cannot run; ``ops.cuda`` falls back."""
 
@@ -249,15 +268,33 @@ class SimWorld:
 
     def run(self, fn, per_rank_args, ranks=None):
         """Run ``fn(ws_r, *args_r)`` for every rank, each on its own stream (forked from and
-        joined into the current stream, so this also works under CUDA-graph capture)."""
+        joined into the current stream, so this also works under CUDA-graph capture).
+
+        In simulation the launchers return generators that yield between phases; ranks are
+        stepped in lock-step, so no rank issues a host operation that can serialise the GPU
+        (same-device memcpy, cudaMalloc) between two peers' launches of waiting kernels."""
+        import inspect
         cur = torch.cuda.current_stream()
-        outs = []
-        ranks = range(self.world) if ranks is None else ranks
-        for r in ranks:
+        ranks = list(range(self.world) if ranks is None else ranks)
+        outs = [None] * len(ranks)
+        gens = {}
+        for i, r in enumerate(ranks):
             s = self.streams[r]
             s.wait_stream(cur)
             with torch.cuda.stream(s):
-                outs.append(fn(self.ws[r], *per_rank_args[r]))
+                out = fn(self.ws[r], *per_rank_args[r])
+            if inspect.isgenerator(out):
+                gens[i] = out
+            else:
+                outs[i] = out
+        while gens:
+            for i in list(gens):
+                with torch.cuda.stream(self.streams[ranks[i]]):
+                    try:
+                        next(gens[i])
+                    except StopIteration as e:
+                        outs[i] = e.value
+                        del gens[i]
         for r in ranks:
             cur.wait_stream(self.streams[r])
         return outs

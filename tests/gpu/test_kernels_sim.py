@@ -175,7 +175,7 @@ def _run_all(sim, W, inputs, group="all"):
         outs += sim.run(lambda ws, t, u: gemm_all_reduce(ws, t, u), [(a[r], b[r]) for r in range(W)])
         outs += sim.run(lambda ws, t, u: gemm_reduce_scatter(ws, t, u), [(a[r], b[r]) for r in range(W)])
     if group in ("all", "gather"):
-        outs += sim.run(lambda ws, s, u: all_gather_gemm(ws, s, [u])[1][0], [(sh[r], b[r]) for r in range(W)])
+        outs += [o[1][0] for o in sim.run(lambda ws, s, u: all_gather_gemm(ws, s, [u]), [(sh[r], b[r]) for r in range(W)])]
     return outs
 
 
