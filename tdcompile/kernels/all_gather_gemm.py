@@ -5,8 +5,8 @@ and waits on each remote shard's flag before its first tile of that shard.
 
 Per call: epoch += 1; flags zeroed; own shard -> own symmetric buffer and into A (CE);
 entry barrier (every peer's shard is in place); side stream: pull peers (rank+1, ...) +
-flags, then an exit barrier (no peer pulls from our buffer any more, so the next call may
-overwrite it); main stream: the GEMMs; join.  The gathered A is an ordinary tensor.
+flags; main stream: the GEMMs; join; exit barrier (no peer pulls from our buffer any more,
+so the next call may overwrite it).  The gathered A is an ordinary tensor.
 """
 from __future__ import annotations
 
@@ -158,14 +158,15 @@ def all_gather_gemm(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a: bo
             _write_flag(flags_u32, s, 1)
             _dbg(ws, f"flag {s} enqueued")
     yield
-    with torch.cuda.stream(ws.side):
-        _ag_barrier[(1,)](ws.pads.ptrs, EXIT_CHANNEL * pad_stride, epoch, ws.err_addr,
-                          sig.error_code(OP_ID, r, sig.WHAT_EXIT_BARRIER), r, ws.timeout_us, WORLD=W, num_warps=1)
-    _dbg(ws, "exit barrier launched")
     for grid, args, kw in launches:
         _ag_gemm_kernel[grid](*args, **kw)
     _dbg(ws, "gemms launched")
     cur.wait_stream(ws.side)
+    # exit barrier (WAR on our shard buffer) after the GEMMs on the main stream: it never
+    # competes with the persistent GEMM for SMs
+    _ag_barrier[(1,)](ws.pads.ptrs, EXIT_CHANNEL * pad_stride, epoch, ws.err_addr,
+                      sig.error_code(OP_ID, r, sig.WHAT_EXIT_BARRIER), r, ws.timeout_us, WORLD=W, num_warps=1)
+    _dbg(ws, "exit barrier launched")
     return (A if return_a else A.new_empty(0)), outs
 
 
