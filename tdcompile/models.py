@@ -12,6 +12,7 @@ materializes each parameter's *local* shard on ``device``:
 """
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import os
@@ -128,6 +129,7 @@ def build_sharded(config=None, plan: str = "hf", *, dtype: torch.dtype = torch.b
         raise ValueError(f"plan must be one of {tp.PLANS}, got {plan!r}")
     if config is None:
         config = AutoConfig.from_pretrained(checkpoint) if checkpoint else tp.tiny_qwen3_config()
+    config = copy.deepcopy(config)  # the HF plan writes distributed_config into the model's config
     device = torch.device(device)
     rank, world = tp.rank_env()
     with torch.device("meta"):
