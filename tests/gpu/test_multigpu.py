@@ -84,7 +84,6 @@ def test_fused_ops_two_processes():
     world = 2
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, _port() if r == 0 else None, q)) for r in range(world)]
     port = _port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, q)) for r in range(world)]
     for p in procs:
