@@ -310,7 +310,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ax.set_xticklabels([r["case"] for r in rows], rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("speedup (x)")
     ax.set_title(title, fontsize=10)
-    ax.legend()
+    if keys:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -382,7 +383,25 @@ def bench_main(args) -> dict:
     results = {r.name: {"graph": "yes" if device.type == "cuda" and (r.decode or r.group in ("mlp", "attn"))
                         else "no"} for r in rows}
     errors = {}
-    for column in sorted(avail, key=lambda c: c == "async_tp"):  # the hf model first, then the others
+    notes = [f"TP={world}; decode large batch = {large} (largest <= 4096 that fits)" if not args.quick else
+             "quick mode (tiny model)", "E2E prefill rows keep the last position's logits (logits_to_keep=1)",
+             "async-TP: torch_sp plan; S=1 decode and the inference loop use the torch plan (SP cannot shard S=1)",
+             "E2E decode bsz=128 and inference attend over a ctx+steps static cache; other decode rows ctx+1"]
+
+    def save(done: list) -> dict:  # after every column, so a run cut short keeps what it measured
+        tab = table(results, rows, done)
+        res = {**meta, "large_batch": large, "iters": args.iters, "columns": done, "rows": tab,
+               "inference": ctx["infer"], "errors": errors, "notes": notes, "complete": done == avail}
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            with open(stem + ".json", "w") as f:
+                json.dump(res, f, indent=2)
+            plot(tab, stem + ".png", f"tdist speedup, Qwen3 {config.num_hidden_layers} layers, TP={world}, "
+                                     f"{meta['machine'].get('gpu', 'CPU')}")
+        return res
+
+    order = sorted(avail, key=lambda c: ("eager", "tdist", "inductor", "async_tp").index(c))  # hf model first
+    for i, column in enumerate(order):
         for row in rows:
             model = get_model(plan_for(column, row))
             try:
@@ -394,25 +413,13 @@ def bench_main(args) -> dict:
             say(f"[bench] {column:9s} {row.name:34s} {results[row.name][column]} ms", flush=True)
         ctx["engine"] = ctx["engine_key"] = None
         torch._dynamo.reset()
+        res = save([c for c in avail if c in order[:i + 1]])
     models.clear()
     free_model(ctx)
-    tab = table(results, rows, avail)
-    say(tabulate(tab, headers="keys", tablefmt="github", floatfmt=".3f"))
-    notes = [f"TP={world}; decode large batch = {large} (largest <= 4096 that fits)" if not args.quick else
-             "quick mode (tiny model)", "E2E prefill rows keep the last position's logits (logits_to_keep=1)",
-             "async-TP: torch_sp plan; S=1 decode and the inference loop use the torch plan (SP cannot shard S=1)",
-             "E2E decode bsz=128 and inference attend over a ctx+steps static cache; other decode rows ctx+1"]
-    res = {**meta, "large_batch": large, "iters": args.iters, "columns": avail, "rows": tab,
-           "inference": ctx["infer"], "errors": errors, "notes": notes}
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(stem + ".json", "w") as f:
-            json.dump(res, f, indent=2)
-        plot(tab, stem + ".png", f"tdist speedup, Qwen3 {config.num_hidden_layers} layers, TP={world}, "
-                                 f"{meta['machine'].get('gpu', 'CPU')}")
-        say(f"saved {stem}.json and {stem}.png")
-        if errors:
-            say("errors:\n" + "\n".join(f"  {k}: {v}" for k, v in errors.items()))
+    say(tabulate(res["rows"], headers="keys", tablefmt="github", floatfmt=".3f"))
+    say(f"saved {stem}.json and {stem}.png")
+    if errors:
+        say("errors:\n" + "\n".join(f"  {k}: {v}" for k, v in errors.items()))
     res["json"], res["png"] = stem + ".json", stem + ".png"
     return res
 

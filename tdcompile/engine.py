@@ -79,7 +79,7 @@ class Graphed:
 
     def __init__(self, fn: Callable, *inputs: torch.Tensor, reset: Optional[Callable] = None, warmup: int = 3,
                  pool=None):
-        self.inputs = [x.clone() for x in inputs]
+        self.inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]  # others: as is
         reset = reset or (lambda: None)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -97,7 +97,7 @@ class Graphed:
 
     def run(self, *inputs: torch.Tensor):
         for buf, x in zip(self.inputs, inputs):
-            if buf.data_ptr() != x.data_ptr():
+            if isinstance(x, torch.Tensor) and buf.data_ptr() != x.data_ptr():
                 buf.copy_(x)
         self.graph.replay()
         return self.out
