@@ -363,6 +363,10 @@ def bench_main(args) -> dict:
     from tabulate import tabulate
 
     avail = [c for c in args.columns.split(",") if c != "async_tp" or (device.type == "cuda" and world > 1)]
+    if "async_tp" in avail:  # async TP's fused ops run on symmetric memory
+        from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+        enable_symm_mem_for_group(dist.group.WORLD.group_name)
     ctx = {"timer": Timer(device), "device": device, "world": world, "rank": rank, "dtype": dtype, "infer": {}}
     models: dict = {}
 
