@@ -428,9 +428,12 @@ def bench_main(args) -> dict:
     return res
 
 
-def main(argv=None) -> dict:  # python -m tdcompile.bench (single process, world 1)
+def main(argv=None) -> dict:  # python -m tdcompile.bench, or torchrun --nproc_per_node=N -m tdcompile.bench
+    from tdcompile.generate import init_from_env
+
     p = argparse.ArgumentParser(description=__doc__)
     add_bench_args(p)
+    init_from_env()
     return bench_main(p.parse_args(argv))
 
 

@@ -81,9 +81,18 @@ def generate_main(args) -> dict:
     return result
 
 
-def main(argv=None) -> dict:  # python -m tdcompile.generate (single process)
+def init_from_env() -> None:
+    """Under torchrun (WORLD_SIZE set) join the process group: NCCL on GPUs, else gloo."""
+    import os
+
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def main(argv=None) -> dict:  # python -m tdcompile.generate, or torchrun --nproc_per_node=N -m ...
     p = argparse.ArgumentParser(description=__doc__)
     add_generate_args(p)
+    init_from_env()
     return generate_main(p.parse_args(argv))
 
 
