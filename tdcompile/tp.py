@@ -15,6 +15,7 @@ checkpoint) and each rank keeps its own shard; no communication happens while sh
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Optional
 
@@ -45,7 +46,8 @@ def build_model(config=None, *, seed: int = 0, dtype: torch.dtype = torch.float3
         model = Qwen3ForCausalLM.from_pretrained(checkpoint, dtype=dtype)
     else:
         torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(config or tiny_qwen3_config())
+        # a copy: applying a TP plan writes distributed_config onto model.config
+        model = Qwen3ForCausalLM(copy.deepcopy(config) if config is not None else tiny_qwen3_config())
     return model.to(device=device, dtype=dtype).eval()
 
 
