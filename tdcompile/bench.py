@@ -118,6 +118,8 @@ def compiler(column: str, args):
         return "eager", None
     if column == "tdist":
         return "tdist", tdist_options(args)
+    if column.startswith("tdist:"):   # one strategy forced, e.g. "tdist:sequence_parallel"
+        return "tdist", {**tdist_options(args), "strategy": column.split(":", 1)[1]}
     if column == "async_tp":
         return "inductor", {"_micro_pipeline_tp": True}
     return "inductor", None
@@ -283,12 +285,12 @@ def table(results: dict, rows: list[Row], avail: list[str]) -> list[dict]:
     for row in rows:
         r = results[row.name]
         d = {"case": row.name, "graph": r.get("graph", "")}
-        for c in COLUMNS:
-            d[f"{HEADERS[c]} ms"] = (round(r[c], 3) if isinstance(r.get(c), float) else r.get(c)) \
+        for c in list(COLUMNS) + [c for c in avail if c not in COLUMNS]:   # + forced tdist strategies
+            d[f"{HEADERS.get(c, c)} ms"] = (round(r[c], 3) if isinstance(r.get(c), float) else r.get(c)) \
                 if c in avail else "n/a"
         for c in ("eager", "inductor", "async_tp"):
             ok = isinstance(r.get(c), float) and isinstance(r.get("tdist"), float)
-            d[f"vs {HEADERS[c]}"] = round(r[c] / r["tdist"], 3) if ok else "n/a"
+            d[f"vs {HEADERS.get(c, c)}"] = round(r[c] / r["tdist"], 3) if ok else "n/a"
         out.append(d)
     return out
 

@@ -17,7 +17,7 @@ import triton.language as tl
 from tdcompile.kernels import signals as sig
 from tdcompile.kernels.signals import block_barrier, record_error, wait_geq
 from tdcompile.kernels.symm import MAX_WORLD, OPS, PAD_SLOTS, Workspace, _Unsupported, phased
-from tdcompile.kernels.tiles import col_offsets, mm_tile, num_sms, pick_config, preload, swizzle
+from tdcompile.kernels.tiles import col_offsets, mm_tile, num_sms, pick_config, preload, swizzle, unsupported_gemm_reason
 
 OP_ID = OPS.index("all_gather_gemm")
 ENTRY_CHANNEL, EXIT_CHANNEL = 2, 3
@@ -88,15 +88,7 @@ def _write_flag(flags_u32: torch.Tensor, idx: int, val: int) -> None:
 
 
 def unsupported_reason(ws: Workspace, a: torch.Tensor, bs) -> str | None:
-    if a.dtype not in (torch.bfloat16, torch.float16) or any(b.dtype != a.dtype for b in bs):
-        return f"dtype {a.dtype} (fused kernels take bf16/fp16)"
-    if a.dim() != 2 or any(b.dim() != 2 or b.shape[0] != a.shape[1] for b in bs) or not bs:
-        return "shapes"
-    if a.shape[0] * ws.world > ws.max_m:
-        return f"M={a.shape[0] * ws.world} > workspace max M {ws.max_m} (TDCOMPILE_MAX_M)"
-    if a.shape[0] == 0 or any(b.shape[1] == 0 for b in bs):
-        return "empty"
-    return None
+    return unsupported_gemm_reason(ws, a, list(bs), None, a.shape[0] * ws.world if a.dim() == 2 else 0)
 
 
 @phased

@@ -16,7 +16,7 @@ import triton.language as tl
 from tdcompile.kernels import signals as sig
 from tdcompile.kernels.signals import fence_sys, peer_ptr, record_error, signal, wait_geq
 from tdcompile.kernels.symm import OPS, Workspace, _Unsupported, phased
-from tdcompile.kernels.tiles import add_bias, col_offsets, mm_tile, num_sms, pick_config, preload, swizzle
+from tdcompile.kernels.tiles import add_bias, col_offsets, mm_tile, num_sms, pick_config, preload, swizzle, unsupported_gemm_reason
 
 OP_ID = OPS.index("gemm_all_reduce")
 REDUCE_CTAS = 16
@@ -81,17 +81,7 @@ def _gemm_ar_reducer(out_ptr, stage_tab, flag_tab, cap, epoch_ptr, M, N, err_add
 
 
 def unsupported_reason(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias) -> str | None:
-    if a.dtype not in (torch.bfloat16, torch.float16) or b.dtype != a.dtype:
-        return f"dtypes {a.dtype}/{b.dtype} (fused kernels take bf16/fp16)"
-    if bias is not None and (bias.dtype != a.dtype or bias.dim() != 1):
-        return "bias dtype/shape"
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        return "shapes"
-    if a.shape[0] > ws.max_m:
-        return f"M={a.shape[0]} > workspace max M {ws.max_m} (TDCOMPILE_MAX_M)"
-    if a.shape[0] == 0 or b.shape[1] == 0:
-        return "empty"
-    return None
+    return unsupported_gemm_reason(ws, a, [b], bias, a.shape[0])
 
 
 @phased

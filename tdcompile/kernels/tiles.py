@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import triton
 import triton.language as tl
 
@@ -41,6 +42,22 @@ def pick_config(m_rows: int, n: int, k: int) -> GemmConfig:
     if m_rows * n <= 2048 * 5120:
         return medium
     return large
+
+
+def unsupported_gemm_reason(ws, a, bs: list, bias, m_total: int) -> str | None:
+    """Why a fused GEMM kernel cannot take these inputs (None if it can): the checks the three
+    GEMM ops share. ``m_total``: rows of the full (gathered or pre-scatter) GEMM."""
+    if a.dtype not in (torch.bfloat16, torch.float16) or any(b.dtype != a.dtype for b in bs):
+        return f"dtypes {a.dtype}/{[b.dtype for b in bs]} (fused kernels take bf16/fp16)"
+    if bias is not None and (bias.dtype != a.dtype or bias.dim() != 1):
+        return "bias dtype/shape"
+    if not bs or a.dim() != 2 or any(b.dim() != 2 or b.shape[0] != a.shape[1] for b in bs):
+        return "shapes"
+    if m_total > ws.max_m:
+        return f"M={m_total} > workspace max M {ws.max_m} (TDCOMPILE_MAX_M)"
+    if a.shape[0] == 0 or any(b.shape[1] == 0 for b in bs):
+        return "empty"
+    return None
 
 
 def num_sms() -> int:
