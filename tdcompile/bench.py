@@ -406,7 +406,8 @@ def bench_main(args) -> dict:
                                      f"{meta['machine'].get('gpu', 'CPU')}")
         return res
 
-    order = sorted(avail, key=lambda c: ("eager", "tdist", "inductor", "async_tp").index(c))  # hf model first
+    rank_of = {"eager": 0, "tdist": 1, "inductor": 3, "async_tp": 4}   # hf-plan columns first (model reuse)
+    order = sorted(avail, key=lambda c: rank_of.get(c, 2))
     for i, column in enumerate(order):
         for row in rows:
             model = get_model(plan_for(column, row))
