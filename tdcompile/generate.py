@@ -82,11 +82,14 @@ def generate_main(args) -> dict:
 
 
 def init_from_env() -> None:
-    """Under torchrun (WORLD_SIZE set) join the process group: NCCL on GPUs, else gloo."""
+    """Under torchrun (WORLD_SIZE set) join the process group like ``tdcompile.launch`` does:
+    NCCL with one GPU per rank (multicast kept off), else gloo."""
     import os
 
+    from tdcompile.launch import init_process_group
+
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        init_process_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
 
 
 def main(argv=None) -> dict:  # python -m tdcompile.generate, or torchrun --nproc_per_node=N -m ...
