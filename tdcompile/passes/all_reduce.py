@@ -24,20 +24,14 @@ import torch.fx as fx
 from tdcompile.passes.graph_utils import (NoMatch, Gemm, c10d, check_dtype, concrete, emit, erase_dead,
                                           aten, is_call, log, module_path, producer_gemm, reshape_arg,
                                           shape, tdist, wait_of)
-from tdcompile.passes.match import Match
+from tdcompile.passes.match import Match, SingleGemmMatch
 
 
 @dataclass
-class GemmAllReduceMatch(Match):
-    gemm: Gemm
-    chain: list
+class GemmAllReduceMatch(SingleGemmMatch):
     ar: fx.Node
     wait: fx.Node
     pattern: str = field(init=False, default="gemm_all_reduce")
-
-    def mnk(self):
-        m, n, k = self.gemm.mnk
-        return concrete(m), n, k
 
     def replace_with(self, graph: fx.Graph, impl: str) -> None:
         g = self.gemm

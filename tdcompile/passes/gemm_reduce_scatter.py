@@ -28,21 +28,15 @@ import torch.fx as fx
 from tdcompile.passes.graph_utils import (SPLITS, Gemm, NoMatch, aten, c10d, check_dtype, concrete, emit,
                                           emit_getitem, erase_dead, is_call, log, module_path, producer_gemm,
                                           reshape_arg, shape, single_user, tdist, wait_of)
-from tdcompile.passes.match import Match
+from tdcompile.passes.match import Match, SingleGemmMatch
 
 
 @dataclass
-class GemmReduceScatterMatch(Match):
-    gemm: Gemm
-    chain: list
+class GemmReduceScatterMatch(SingleGemmMatch):
     perm: Optional[tuple]       # (split, cat, dim, y) when scattered on dim != 0
     rs: fx.Node
     wait: fx.Node
     pattern: str = field(init=False, default="gemm_reduce_scatter")
-
-    def mnk(self):
-        m, n, k = self.gemm.mnk
-        return concrete(m), n, k
 
     def replace_with(self, graph: fx.Graph, impl: str) -> None:
         g, like = self.gemm, self.gemm.node

@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from tdcompile.cost_model import Decision
+from tdcompile.passes.graph_utils import Gemm, concrete  # noqa: F401  (Gemm: annotation)
 
 
 @dataclass
@@ -32,6 +33,17 @@ class Match:
     def describe(self) -> str:
         """Extra detail for the report (e.g. the list of weights)."""
         return ""
+
+
+@dataclass
+class SingleGemmMatch(Match):
+    """A collective fed by one GEMM (through the reshape ``chain``): M, N, K are that GEMM's."""
+    gemm: "Gemm"
+    chain: list
+
+    def mnk(self):
+        m, n, k = self.gemm.mnk
+        return concrete(m), n, k
 
 
 @dataclass
