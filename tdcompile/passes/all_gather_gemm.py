@@ -28,13 +28,12 @@ import torch.fx as fx
 
 from tdcompile.passes.graph_utils import (RESHAPES, SPLITS, NoMatch, aten, as_gemm, c10d, check_dtype, concrete,
                                           check_hoistable, descendants, emit, emit_getitem, erase_dead, hoist_inputs, is_call, log,
-                                          module_path, reshape_arg, shape, tdist, wait_of)
-from tdcompile.passes.match import Match
+                                          module_path, quiet, reshape_arg, shape, tdist, wait_of)
+from tdcompile.passes.match import Match, SingleGemmMatch
 
 
 @dataclass
 class AllGatherGemmMatch(Match):
-    shard: fx.Node
     ag: fx.Node
     wait: fx.Node
     gathered: fx.Node           # the tensor the matmuls read (wait, or the cat for dim != 0)
@@ -43,6 +42,11 @@ class AllGatherGemmMatch(Match):
     views: list                 # 2-D reshapes between gathered and the gemms
     return_a: bool
     pattern: str = field(init=False, default="all_gather_gemm")
+
+    @property
+    def shard(self) -> fx.Node:
+        """Read at use: an earlier rewrite may have replaced the node that produced it."""
+        return self.ag.args[0]
 
     def mnk(self):
         (m, k), ns = self.gemms[0].mnk[0::2], [g.mnk[1] for g in self.gemms]
@@ -118,16 +122,22 @@ def _gather_permutation(wait: fx.Node, world: int):
     return cat, (split, cat, dim)
 
 
-def _consumers(gathered: fx.Node, k: int, forbidden: set):
+def _consumers(gathered: fx.Node, k: int, forbidden: set, claimed: set):
+    """Split the users of the gathered tensor into matmuls reading it as A (directly or through
+    one 2-D reshape) and others. A matmul already claimed by a reduction-side match (it feeds a
+    gemm_reduce_scatter / gemm_all_reduce) counts as another user: one GEMM, one fusion."""
+    def fusable(g, a):
+        return g is not None and g.a is a and g.b not in forbidden and g.node not in claimed
+
     gemms, views, others = [], [], []
     for u in list(gathered.users):
         g = as_gemm(u)
-        if g is not None and g.a is gathered and len(shape(gathered)) == 2 and g.b not in forbidden:
+        if fusable(g, gathered) and len(shape(gathered)) == 2:
             gemms.append(g)
             continue
         if is_call(u, *RESHAPES) and len(shape(u)) == 2 and shape(u)[-1] == k:
             gs = [as_gemm(x) for x in u.users]
-            if u.users and all(g is not None and g.a is u and g.b not in forbidden for g in gs):
+            if u.users and all(fusable(g, u) for g in gs):
                 gemms += gs
                 views.append(u)
                 continue
@@ -136,6 +146,12 @@ def _consumers(gathered: fx.Node, k: int, forbidden: set):
 
 
 def find_all_gather_gemm_matches(graph: fx.Graph) -> list[Match]:
+    from tdcompile.passes.all_reduce import find_all_reduce_matches
+    from tdcompile.passes.gemm_reduce_scatter import find_gemm_reduce_scatter_matches
+
+    with quiet():
+        claimed = {m.gemm.node for m in find_gemm_reduce_scatter_matches(graph) + find_all_reduce_matches(graph)
+                   if isinstance(m, SingleGemmMatch)}
     matches: list[Match] = []
     for ag in graph.find_nodes(op="call_function", target=c10d.all_gather_into_tensor.default):
         shard, world, group = ag.args[:3]
@@ -144,7 +160,7 @@ def find_all_gather_gemm_matches(graph: fx.Graph) -> list[Match]:
             dtype = check_dtype(shard)
             gathered, perm = _gather_permutation(wait, world)
             k = shape(shard)[-1]
-            gemms, views, others = _consumers(gathered, k, descendants(wait))
+            gemms, views, others = _consumers(gathered, k, descendants(wait), claimed)
             if not gemms:
                 raise NoMatch("no matmul consumer")
             if others:
@@ -159,6 +175,6 @@ def find_all_gather_gemm_matches(graph: fx.Graph) -> list[Match]:
             continue
         matches.append(AllGatherGemmMatch(
             module=module_path(gemms[0].node).rsplit(".", 1)[0], group_name=group, world_size=world, dtype=dtype,
-            shard=shard, ag=ag, wait=wait, gathered=gathered, perm=perm, gemms=gemms, views=views,
+            ag=ag, wait=wait, gathered=gathered, perm=perm, gemms=gemms, views=views,
             return_a=bool(others)))
     return matches

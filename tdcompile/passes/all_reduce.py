@@ -46,10 +46,14 @@ class GemmAllReduceMatch(SingleGemmMatch):
 
 @dataclass
 class AllReduceMatch(Match):
-    inp: fx.Node
     ar: fx.Node
     wait: fx.Node
     pattern: str = field(init=False, default="all_reduce")
+
+    @property
+    def inp(self) -> fx.Node:
+        """Read at use: an earlier rewrite may have replaced the node that produced it."""
+        return self.ar.args[0]
 
     def mnk(self):
         s = shape(self.inp)
@@ -87,7 +91,7 @@ def find_all_reduce_matches(graph: fx.Graph) -> list[Match]:
         except NoMatch as e:
             log.debug("all_reduce %s: no GEMM fusion (%s); matching it alone", ar.name, e)
             matches.append(AllReduceMatch(module=module_path(x), group_name=group, world_size=world, dtype=dtype,
-                                          inp=x, ar=ar, wait=wait))
+                                          ar=ar, wait=wait))
     return matches
 
 

@@ -2,6 +2,7 @@
 metadata for new nodes, module paths, and safe node insertion."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -21,6 +22,17 @@ tdist = torch.ops.tdist
 RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
 FUSABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence the matchers' debug log (a matcher run only to know what another one claims)."""
+    drop = lambda record: False  # noqa: E731
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
 
 
 class NoMatch(Exception):
@@ -67,11 +79,24 @@ def wait_of(coll: fx.Node) -> fx.Node:
 
 @dataclass
 class Gemm:
-    """``mm(a, b)`` or ``addmm(bias, a, b)`` with default alpha/beta."""
+    """``mm(a, b)`` or ``addmm(bias, a, b)`` with default alpha/beta.
+
+    Only the node is stored: ``a``, ``b`` and ``bias`` are read from its arguments when used.
+    A match found before other matches are rewritten must see the graph as it is at its own
+    rewrite (an earlier rewrite may have replaced the node that produced ``a``)."""
     node: fx.Node
-    a: fx.Node
-    b: fx.Node
-    bias: Optional[fx.Node]
+
+    @property
+    def a(self) -> fx.Node:
+        return self.node.args[-2]
+
+    @property
+    def b(self) -> fx.Node:
+        return self.node.args[-1]
+
+    @property
+    def bias(self) -> Optional[fx.Node]:
+        return self.node.args[0] if self.node.target is aten.addmm.default else None
 
     @property
     def mnk(self) -> tuple:
@@ -80,13 +105,13 @@ class Gemm:
 
 
 def as_gemm(n: Any) -> Optional[Gemm]:
-    if is_call(n, aten.mm.default):
-        return Gemm(n, n.args[0], n.args[1], None)
-    if is_call(n, aten.addmm.default) and n.kwargs.get("beta", 1) == 1 and n.kwargs.get("alpha", 1) == 1:
-        bias = n.args[0]
-        if len(shape(bias)) != 1:
+    if is_call(n, aten.mm.default) and len(n.args) == 2 and not n.kwargs:
+        return Gemm(n)
+    if (is_call(n, aten.addmm.default) and len(n.args) == 3 and n.kwargs.get("beta", 1) == 1
+            and n.kwargs.get("alpha", 1) == 1):
+        if len(shape(n.args[0])) != 1:
             return None
-        return Gemm(n, n.args[1], n.args[2], bias)
+        return Gemm(n)
     return None
 
 
@@ -211,6 +236,10 @@ def descendants(n: fx.Node) -> set:
 
 def erase_dead(nodes: Iterable[fx.Node]) -> None:
     """Erase replaced nodes (users first). Only nodes that have no users left are removed."""
-    for n in sorted(set(nodes), key=lambda n: -list(n.graph.nodes).index(n)):
+    nodes = set(nodes)
+    if not nodes:
+        return
+    order = {n: i for i, n in enumerate(next(iter(nodes)).graph.nodes)}
+    for n in sorted(nodes, key=lambda n: -order[n]):   # KeyError: a node erased by an earlier rewrite
         if not n.users:
             n.graph.erase_node(n)
