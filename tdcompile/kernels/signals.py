@@ -146,3 +146,80 @@ def block_barrier(pad_tab, pad_off, slot, rank, epoch, timeout_ns, WORLD: tl.con
     ok = tl.min(wait_geq(own, epoch, timeout_ns), axis=0)
     tl.debug_barrier()
     return ok
+
+
+# ------------------------------------------------------------------------------ per-block flag barrier
+WHAT_MID_BARRIER = 5
+
+
+@triton.jit
+def flag_barrier(sig_tab, my_sig, slot_off, rank, value, timeout_ns, world):
+    """Cross-rank barrier of block ``b`` of every rank, in the style of vLLM's custom
+    all-reduce barrier (per-block flags, one store per peer, no atomics):
+
+    * ``bar.sync`` (everything this CTA did before is ordered before the signal);
+    * threads ``t < world``: ``st.release.sys`` of ``value`` into slot ``slot_off + rank`` of
+      peer ``t``'s flag array (base address ``sig_tab[t]``), then spin with
+      ``ld.acquire.sys`` on slot ``slot_off + t`` of this rank's flags (``my_sig``) until it
+      holds ``>= value`` (signed, wrap-safe) or ``timeout_ns`` of ``%globaltimer`` passed;
+    * ``bar.red.and.pred``: the whole CTA waits for those threads and learns whether every
+      wait succeeded (release -> acquire -> bar.sync is the cumulative pattern that makes
+      the peers' data visible to every thread of the CTA).
+
+    ``value`` is the per-block device-side epoch: a counter of barriers this block slot
+    has executed, equal on every rank, so flags never need resetting and nothing from the
+    host is baked into CUDA graphs.  A peer can be at most one barrier ahead (it cannot
+    pass barrier v+1 before this rank arrives there), so ``>=`` on one slot per
+    (block, source) is enough.  Returns 1 (all arrived) or 0 (timeout), CTA-uniform.
+    All operands are scalars: the asm runs once in every thread of the CTA."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .u32 %tx, %v;
+        .reg .s32 %d;
+        .reg .u64 %a, %pb, %t0, %t1;
+        .reg .pred %act, %p, %ok;
+        bar.sync 0;
+        mov.u32 %tx, %tid.x;
+        setp.eq.u32 %ok, %tx, %tx;
+        setp.lt.u32 %act, %tx, $7;
+        @!%act bra FB_DONE;
+        mul.wide.u32 %a, %tx, 8;
+        add.u64 %a, $1, %a;
+        ld.global.u64 %pb, [%a];
+        add.u32 %v, $3, $4;
+        mul.wide.u32 %a, %v, 4;
+        add.u64 %a, %pb, %a;
+        st.release.sys.global.u32 [%a], $5;
+        add.u32 %v, $3, %tx;
+        mul.wide.u32 %a, %v, 4;
+        add.u64 %a, $2, %a;
+        mov.u64 %t0, %globaltimer;
+        FB_LOOP:
+        ld.acquire.sys.global.u32 %v, [%a];
+        sub.s32 %d, %v, $5;
+        setp.ge.s32 %p, %d, 0;
+        @%p bra FB_DONE;
+        mov.u64 %t1, %globaltimer;
+        sub.u64 %t1, %t1, %t0;
+        setp.lt.u64 %p, %t1, $6;
+        @%p bra FB_LOOP;
+        setp.ne.u32 %ok, %tx, %tx;
+        FB_DONE:
+        bar.red.and.pred %p, 0, %ok;
+        selp.u32 $0, 1, 0, %p;
+        }""",
+        "=r,l,l,r,r,r,l,r",
+        [sig_tab.to(tl.int64, bitcast=False), my_sig.to(tl.int64, bitcast=False), slot_off, rank, value,
+         timeout_ns, world],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def peer_base(tab_ptr, peer, dtype: tl.constexpr):
+    """Base address of ``peer``'s symmetric buffer from an int64 table, typed ``dtype`` and
+    declared 16-byte aligned (symmetric buffers are page aligned): without this hint Triton
+    cannot prove alignment of a loaded pointer and splits 128-bit accesses into 2-byte ones."""
+    return tl.multiple_of(tl.load(tab_ptr + peer).to(tl.pointer_type(dtype)), 16)

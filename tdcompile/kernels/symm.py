@@ -26,7 +26,7 @@ import torch
 
 log = logging.getLogger("tdcompile.ops")
 
-OPS = ("all_reduce", "gemm_all_reduce", "all_gather_gemm", "gemm_reduce_scatter")
+OPS = ("all_reduce", "gemm_all_reduce", "all_gather_gemm", "gemm_reduce_scatter", "all_reduce_rmsnorm")
 PAD_SLOTS = 256          # blocks per barrier channel
 PAD_CHANNELS = 4         # 0,1: all_reduce; 2,3: all_gather_gemm entry/exit barriers
 MAX_WORLD = 8
@@ -200,7 +200,7 @@ class Workspace:
             op = OPS[op_id] if 0 <= op_id < len(OPS) else f"op#{op_id}"
             self.broken = True
             kind = {1: "a barrier", 2: "a peer's tile flag", 3: "a shard flag (copy engine pull)",
-                    4: "the exit barrier"}.get(what, "a peer")
+                    4: "the exit barrier", 5: "the middle barrier"}.get(what, "a peer")
             raise RuntimeError(f"tdist::{op}: rank {rank} timed out waiting for {kind} "
                                f"(group {self.name!r}, world {self.world}); the peer never arrived. "
                                f"Symmetric workspace state is now undefined.")
