@@ -333,7 +333,9 @@ def launch_config(ws: Workspace, variant: str, n: int, ctas: int | None = None,
         meta = dict(SUB=sub)
     else:
         raise ValueError(f"all_reduce variant must be one of {VARIANTS} or 'auto', got {variant!r}")
-    limit = MAX_CTAS if ws.sim is None else max(1, num_sms() // W)   # simulated ranks: co-resident
+    # every CTA of every rank must be able to be resident at once (per-block barriers): real
+    # ranks <= SM count, simulated ranks share one GPU -> SMs / W
+    limit = num_sms() if ws.sim is None else max(1, num_sms() // W)
     grid = max(1, min(triton.cdiv(n, block), ctas or DEFAULT_CTAS, limit, MAX_CTAS))
     return dict(grid=grid, block=block, num_warps=nw, meta=meta)
 

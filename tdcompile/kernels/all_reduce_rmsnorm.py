@@ -187,7 +187,7 @@ def launch_config(ws: Workspace, variant: str, M: int, N: int, ctas: int | None 
     if variant == "two_shot":
         sw = (triton.cdiv(N, W) + 7) // 8 * 8
         meta.update(SW=sw, BLOCK_S=triton.next_power_of_2(sw))
-    limit = arm.MAX_CTAS if ws.sim is None else max(1, num_sms() // W)
+    limit = num_sms() if ws.sim is None else max(1, num_sms() // W)
     grid = max(1, min(M, ctas or DEFAULT_CTAS, limit, arm.MAX_CTAS))
     return dict(grid=grid, num_warps=nw, meta=meta)
 
