@@ -6,10 +6,14 @@
            00 input        the post-grad graph as Inductor hands it over
            01 normalize    view/_unsafe_view -> reshape, fold HF's in-place copy
            02 sequence_parallel   all_reduce regions -> reduce_scatter ... all_gather
-                           (strategy "sequence_parallel", or "auto" when predicted faster)
+                           (strategy "sequence_parallel"; "auto" only off-GPU, when predicted faster)
            03 match        find gemm_all_reduce / all_gather_gemm / gemm_reduce_scatter /
-                           all_reduce; the cost model decides each
+                           all_reduce; each is decided (cost_model.decide): on a GPU from the
+                           measured table (measured.py), a miss left to the op ("auto"), which
+                           measures on its first call; off-GPU from the analytic model
            04 rewrite      replace the chosen ones with torch.ops.tdist.*
+           (strategy "bound": 04 replaces every collective with a no-op -- timing only)
+      If any stage raises, the graph is restored and compiled unrewritten (a warning says why).
       -> Inductor lowers everything else
 
 ``TdistPass.uuid()`` hashes the pass sources, the options and the device profile, so
@@ -30,7 +34,9 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 import tdcompile.ops  # noqa: F401  (registers torch.ops.tdist.*)
 from tdcompile import cost_model
 from tdcompile.config import Options
-from tdcompile.passes import sequence_parallel
+from tdcompile import measured
+from tdcompile.cost_model import Decision
+from tdcompile.passes import bound, sequence_parallel
 from tdcompile.passes.all_gather_gemm import find_all_gather_gemm_matches
 from tdcompile.passes.all_reduce import find_all_reduce_matches
 from tdcompile.passes.gemm_reduce_scatter import find_gemm_reduce_scatter_matches
@@ -50,26 +56,63 @@ class TdistPass(CustomGraphPass):
             cost_model.profile_for_device()
 
     def __call__(self, graph: fx.Graph) -> None:
-        gid, opts = next(_graph_ids), self.options
+        """Run the pipeline; if anything in it raises, the graph goes to Inductor unrewritten
+        (a warning names the stage and the error): a failing pass never fails the compile."""
+        gid = next(_graph_ids)
+        snapshot = fx.Graph()
+        snapshot.output(snapshot.graph_copy(graph, {}))          # shallow-meta copy of every node
+        stage = ["00 input"]
+        try:
+            self._run(graph, gid, stage)
+        except Exception as e:  # noqa: BLE001
+            _restore(graph, snapshot)
+            msg = f"tdist pass failed at stage {stage[0]!r} of graph {gid} ({type(e).__name__}: {e}); " \
+                  "compiling the graph unrewritten"
+            log.warning(msg, exc_info=log.isEnabledFor(logging.DEBUG))
+            for sink in _sinks:
+                sink.errors.append(msg)
+
+    def _run(self, graph: fx.Graph, gid: int, stage: list) -> None:
+        opts = self.options
         before = self._dump(graph, gid, "00.input")
+        stage[0] = "01 normalize"
         normalize(graph)
         self._dump(graph, gid, "01.normalize.after")
+        if opts.strategy == "bound":
+            stage[0] = "04 bound"
+            n = bound.replace_collectives(graph)
+            graph.lint()
+            log.warning("tdist graph %d: strategy='bound' replaced %d collectives with no-ops: timing only, "
+                        "the output is NOT valid", gid, n)
+            after = self._dump(graph, gid, "04.bound.after")
+            for sink in _sinks:
+                sink.graphs.append((before, after))
+            return
+        stage[0] = "02 sequence_parallel"
+        on_gpu = torch.cuda.is_available()
         sp = sequence_parallel.decide(graph, opts, self.profile)
+        if on_gpu and opts.strategy == "auto" and sp.choice == "sequence_parallel":
+            sp = Decision("all_reduce", {}, "auto on a GPU decides from measurements only, and the measured "
+                                            "table has no whole-graph sequence-parallel entry: keeping all_reduce "
+                                            "(strategy='sequence_parallel' forces it)")
         if sp.choice == "sequence_parallel":
             sequence_parallel.rewrite(graph)
             self._dump(graph, gid, "02.sequence_parallel.after")
 
+        stage[0] = "03 match"
         matches = (find_all_gather_gemm_matches(graph) + find_gemm_reduce_scatter_matches(graph)
                    + find_all_reduce_matches(graph))
         decided = []
         for m in matches:
             mm, n, k = m.mnk()
+            table = measured.table(m.world_size) if on_gpu else None
             decision = cost_model.decide(m.pattern, m=mm, n=n, k=k, world_size=m.world_size, dtype=m.dtype,
-                                         strategy=opts.strategy, profile=self.profile)
+                                         strategy=opts.strategy, profile=self.profile, table=table)
             decided.append(Decided(m, decision, graph_id=gid))
         report = Report(matches=decided, graph_decisions=[(gid, sp)])
         self._dump_text(gid, "03.match.txt", str(report))
 
+        stage[0] = "04 rewrite"
         for d in decided:
             if d.choice != "unfused":
                 d.match.replace_with(graph, impl=d.choice)
@@ -86,9 +129,10 @@ class TdistPass(CustomGraphPass):
         here = os.path.dirname(__file__)
         files = [os.path.join(here, "passes", f) for f in sorted(os.listdir(os.path.join(here, "passes")))
                  if f.endswith(".py")]
-        files += [os.path.join(here, f) for f in ("backend.py", "cost_model.py", "ops/library.py")]
+        files += [os.path.join(here, f) for f in ("backend.py", "cost_model.py", "measured.py", "config.py",
+                                                 "ops/library.py")]
         h = get_hash_for_files(tuple(files)).hex()
-        return f"{h}-{self.options!r}-{self.profile!r}"
+        return f"{h}-{self.options!r}-{self.profile!r}-{_table_digest()}"
 
     # ------------------------------------------------------------------ dumps
     def _dir(self, gid: int) -> Optional[str]:
@@ -112,6 +156,27 @@ class TdistPass(CustomGraphPass):
         if d:
             with open(os.path.join(d, name), "w") as f:
                 f.write(text + "\n")
+
+
+def _table_digest() -> str:
+    """What the measured tables decide (they change decisions, so they key Inductor's cache)."""
+    import hashlib
+    if not torch.cuda.is_available():
+        return "no-gpu"
+    if dist.is_initialized():
+        measured.table(dist.get_world_size())
+    h = hashlib.sha256()
+    for w, t in sorted(measured._TABLES.items()):
+        for kid in sorted(t.entries):
+            h.update(f"{w}:{kid}:{measured.choose(t.entries[kid])[0]};".encode())
+    return h.hexdigest()[:16]
+
+
+def _restore(graph: fx.Graph, snapshot: fx.Graph) -> None:
+    """Put ``snapshot``'s nodes back into ``graph`` (in place: Inductor holds ``graph``)."""
+    for node in reversed(list(graph.nodes)):
+        graph.erase_node(node)
+    graph.output(graph.graph_copy(snapshot, {}))
 
 
 def tdist_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[dict] = None):

@@ -1,12 +1,19 @@
-"""``tdcompile bench``: the seed's Qwen3 cases at TP = world, four columns, one run.
+"""``tdcompile bench``: Qwen3 cases at TP = world, compiled vs eager, with the limit.
 
-Columns: eager TP (HF plan, NCCL/gloo), ``torch.compile`` inductor, inductor async TP
-(``_micro_pipeline_tp`` on the sequence-parallel ``torch_sp`` plan; ``torch`` plan for S=1
-decode, which SP cannot shard; CUDA and world > 1 only) and tdist. Rows: layer level (MLP,
-attention prefill/decode), E2E forward (prefill, decode; lm_head excluded and included) and
-full inference (prefill + N decode steps). Medians of CUDA-event (GPU) or perf_counter (CPU)
-timings, the max over ranks; decode and layer rows replay CUDA graphs on GPU.
-``--check`` compares last-position softmax of tdist, eager TP and a single-device reference.
+Columns, run in this order so a run cut short keeps the baselines: eager TP (HF plan,
+NCCL/gloo), ``torch.compile`` inductor, inductor async TP (``_micro_pipeline_tp`` on the
+sequence-parallel ``torch_sp`` plan; ``torch`` plan for S=1 decode, which SP cannot shard;
+CUDA and world > 1 only), ``bound`` (tdist with every collective replaced by a no-op of the
+same shape: the time with free communication, the best any comm hiding can reach -- timing
+only, NOT a valid output) and tdist (``auto``). Derived: tdist vs each baseline, ``vs best
+baseline`` (best of eager, inductor, async-TP) and ``gap closed`` = (inductor - tdist) /
+(inductor - bound). Rows: layer level (MLP, attention prefill/decode), E2E forward (prefill,
+decode; lm_head excluded and included) and full inference (prefill + N decode steps). Medians
+of CUDA-event (GPU) or perf_counter (CPU) timings after a warm-up of at least ``--warmup-ms``,
+the max over ranks; decode and layer rows replay CUDA graphs on GPU. ``--resume FILE``
+continues a table (cells already measured are kept), so a long table can be assembled from
+several runs. ``--check`` compares last-position softmax of tdist, eager TP and a
+single-device reference.
 """
 from __future__ import annotations
 
@@ -26,8 +33,9 @@ from tdcompile.engine import Engine, Graphed, Timer
 from tdcompile.generate import add_model_args, model_setup, tdist_options
 from tdcompile.models import build_sharded
 
-COLUMNS = ("eager", "inductor", "async_tp", "tdist")
-HEADERS = {"eager": "eager TP", "inductor": "inductor", "async_tp": "async-TP", "tdist": "tdist"}
+COLUMNS = ("eager", "inductor", "async_tp", "bound", "tdist")
+BASELINES = ("eager", "inductor", "async_tp")
+HEADERS = {"eager": "eager TP", "inductor": "inductor", "async_tp": "async-TP", "bound": "bound", "tdist": "tdist"}
 
 
 @dataclass
@@ -84,16 +92,29 @@ def large_batch(args, config, device, world: int) -> int:
 
 
 # ------------------------------------------------------------------ timing
+WARMUP_MS = 300.0
+
+
 def measure(fn, timer: Timer, iters: int, graph: bool, rewind=None) -> float:
-    """Median ms of ``fn()`` (graph replay on CUDA when ``graph``); ``rewind`` runs untimed before each."""
+    """Median ms of ``fn()`` (graph replay on CUDA when ``graph``); ``rewind`` runs untimed before
+    each. Warm-up: at least 3 calls and ``WARMUP_MS`` of them (clocks, allocator, cuBLAS heuristics),
+    so no row is measured cold."""
     rewind = rewind or (lambda: None)
     if graph:
         g = Graphed(fn, reset=rewind)
         fn = g.run
-    else:
-        for _ in range(2):  # compile + warm-up
-            rewind()
-            fn()
+    rewind()
+    fn()                                           # compile / capture
+    rewind()
+    a = timer.mark()
+    fn()
+    one = max(timer.ms(a, timer.mark()), 1e-3)
+    calls = torch.tensor([min(200, max(3, int(WARMUP_MS / one)))], device="cuda" if timer.cuda else "cpu")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(calls, op=dist.ReduceOp.MAX)    # every rank runs the same number (collectives)
+    for _ in range(int(calls.item())):
+        rewind()
+        fn()
     times = []
     for _ in range(iters):
         rewind()
@@ -118,6 +139,8 @@ def compiler(column: str, args):
         return "eager", None
     if column == "tdist":
         return "tdist", tdist_options(args)
+    if column == "bound":   # every collective -> a no-op of the same shape: timing only
+        return "tdist", {**tdist_options(args), "strategy": "bound"}
     if column.startswith("tdist:"):   # one strategy forced, e.g. "tdist:sequence_parallel"
         return "tdist", {**tdist_options(args), "strategy": column.split(":", 1)[1]}
     if column == "async_tp":
@@ -288,32 +311,46 @@ def table(results: dict, rows: list[Row], avail: list[str]) -> list[dict]:
         for c in list(COLUMNS) + [c for c in avail if c not in COLUMNS]:   # + forced tdist strategies
             d[f"{HEADERS.get(c, c)} ms"] = (round(r[c], 3) if isinstance(r.get(c), float) else r.get(c)) \
                 if c in avail else "n/a"
-        for c in ("eager", "inductor", "async_tp"):
-            ok = isinstance(r.get(c), float) and isinstance(r.get("tdist"), float)
-            d[f"vs {HEADERS.get(c, c)}"] = round(r[c] / r["tdist"], 3) if ok else "n/a"
+        num = lambda c: isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool)  # noqa: E731
+        for c in BASELINES:
+            d[f"vs {HEADERS.get(c, c)}"] = round(r[c] / r["tdist"], 3) if num(c) and num("tdist") else "n/a"
+        base = [r[c] for c in BASELINES if num(c)]
+        d["vs best baseline"] = round(min(base) / r["tdist"], 3) if base and num("tdist") else "n/a"
+        gap = num("inductor") and num("bound") and num("tdist") and r["inductor"] - r["bound"] > 1e-6
+        d["gap closed"] = round((r["inductor"] - r["tdist"]) / (r["inductor"] - r["bound"]), 3) if gap else "n/a"
         out.append(d)
     return out
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
+def plot(rows: list[dict], columns: list, path: str, title: str) -> None:
+    """Every measured column as speedup over inductor (bars), ``bound`` as the limit (markers)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in ("vs eager TP", "vs inductor", "vs async-TP") if any(isinstance(r[k], float) for r in rows)]
+    def ms(row, c):
+        v = row.get(f"{HEADERS.get(c, c)} ms")
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
+
+    ref = "inductor" if "inductor" in columns else (columns[0] if columns else None)
+    bars = [c for c in columns if c not in (ref, "bound")]
     fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 5))
-    w = 0.8 / max(1, len(keys))
-    for i, k in enumerate(keys):
-        ax.bar([j + i * w for j in range(len(rows))], [r[k] if isinstance(r[k], float) else 0 for r in rows],
-               w, label=f"tdist {k}")
+    w = 0.8 / max(1, len(bars))
+    for i, c in enumerate(bars):
+        ys = [(ms(r, ref) / ms(r, c)) if ms(r, ref) and ms(r, c) else 0 for r in rows]
+        ax.bar([j + i * w for j in range(len(rows))], ys, w, label=HEADERS.get(c, c))
+    centre = [j + w * (len(bars) - 1) / 2 for j in range(len(rows))]
+    if "bound" in columns and ref:
+        ys = [(ms(r, ref) / ms(r, "bound")) if ms(r, ref) and ms(r, "bound") else float("nan") for r in rows]
+        ax.plot(centre, ys, "k_", markersize=18, mew=2, label="bound (free communication)")
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([j + w * (len(keys) - 1) / 2 for j in range(len(rows))])
+    ax.set_xticks(centre)
     ax.set_xticklabels([r["case"] for r in rows], rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel("speedup (x)")
+    ax.set_ylabel(f"speedup over {HEADERS.get(ref, ref)} (x)")
     ax.set_title(title, fontsize=10)
-    if keys:
-        ax.legend()
+    if bars or "bound" in columns:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -334,6 +371,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cases", default=None, help="comma-separated substrings; keep only matching cases")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default=None, help="file-name tag (default: device name)")
+    p.add_argument("--resume", default=None, help="a bench JSON to continue: its measured cells are kept, "
+                                                  "the rest measured, all saved to that file")
+    p.add_argument("--warmup-ms", type=float, default=WARMUP_MS, help="minimum warm-up per case (ms)")
 
 
 def bench_main(args) -> dict:
@@ -353,6 +393,14 @@ def bench_main(args) -> dict:
     tag = args.tag or (meta["machine"].get("gpu", "cpu").replace("NVIDIA ", "").replace(" ", "-").lower())
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     stem = os.path.join(args.out, f"{'check' if args.check else 'bench'}-{tag}-tp{world}-{stamp}")
+    global WARMUP_MS
+    WARMUP_MS = args.warmup_ms
+    prior = {}
+    if args.resume and not args.check:
+        with open(args.resume) as f:
+            prior = json.load(f)
+        stem = args.resume[:-5] if args.resume.endswith(".json") else args.resume
+        args.large_batch = args.large_batch or prior.get("large_batch")
     if args.check:
         res = {**meta, **check(args, config, dtype, device, rank, world)}
         say(json.dumps(res, indent=2))
@@ -388,28 +436,42 @@ def bench_main(args) -> dict:
         rows = [r for r in rows if any(s.strip() in r.name for s in args.cases.split(","))]
     results = {r.name: {"graph": "yes" if device.type == "cuda" and (r.decode or r.group in ("mlp", "attn"))
                         else "no"} for r in rows}
-    errors = {}
+    errors = dict(prior.get("errors", {}))
+    for prow in prior.get("rows", []):            # --resume: keep every cell already measured
+        if prow["case"] in results:
+            for c in prior.get("columns", []):
+                v = prow.get(f"{HEADERS.get(c, c)} ms")
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    results[prow["case"]][c] = float(v)
+    ctx["infer"].update(prior.get("inference", {}))
     notes = [f"TP={world}; decode large batch = {large} (largest <= 4096 that fits)" if not args.quick else
              "quick mode (tiny model)", "E2E prefill rows keep the last position's logits (logits_to_keep=1)",
              "async-TP: torch_sp plan; S=1 decode and the inference loop use the torch plan (SP cannot shard S=1)",
-             "E2E decode bsz=128 and inference attend over a ctx+steps static cache; other decode rows ctx+1"]
+             "E2E decode bsz=128 and inference attend over a ctx+steps static cache; other decode rows ctx+1",
+             "bound: tdist strategy='bound', every collective replaced by a no-op of the same shape -- "
+             "timing only, NOT a valid output; the limit of comm hiding",
+             "gap closed = (inductor - tdist) / (inductor - bound); vs best baseline = min(eager, inductor, "
+             "async-TP) / tdist"]
 
     def save(done: list) -> dict:  # after every column, so a run cut short keeps what it measured
         tab = table(results, rows, done)
         res = {**meta, "large_batch": large, "iters": args.iters, "columns": done, "rows": tab,
-               "inference": ctx["infer"], "errors": errors, "notes": notes, "complete": done == avail}
+               "inference": ctx["infer"], "errors": errors, "notes": notes, "complete": all(c in done for c in avail)}
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
             with open(stem + ".json", "w") as f:
                 json.dump(res, f, indent=2)
-            plot(tab, stem + ".png", f"tdist speedup, Qwen3 {config.num_hidden_layers} layers, TP={world}, "
+            plot(tab, done, stem + ".png", f"speedup, Qwen3 {config.num_hidden_layers} layers, TP={world}, "
                                      f"{meta['machine'].get('gpu', 'CPU')}")
         return res
 
-    rank_of = {"eager": 0, "tdist": 1, "inductor": 3, "async_tp": 4}   # hf-plan columns first (model reuse)
-    order = sorted(avail, key=lambda c: rank_of.get(c, 2))
+    rank_of = {"eager": 0, "inductor": 1, "async_tp": 2, "bound": 3, "tdist": 4}   # baselines first
+    order = sorted(avail, key=lambda c: rank_of.get(c, 5))
     for i, column in enumerate(order):
         for row in rows:
+            if isinstance(results[row.name].get(column), float):
+                say(f"[bench] {column:9s} {row.name:34s} {results[row.name][column]} ms (kept from --resume)")
+                continue
             model = get_model(plan_for(column, row))
             try:
                 with torch.no_grad():
@@ -420,7 +482,8 @@ def bench_main(args) -> dict:
             say(f"[bench] {column:9s} {row.name:34s} {results[row.name][column]} ms", flush=True)
         ctx["engine"] = ctx["engine_key"] = None
         torch._dynamo.reset()
-        res = save([c for c in avail if c in order[:i + 1]])
+        res = save([c for c in avail if c in order[:i + 1]] +
+                   [c for c in prior.get("columns", []) if c not in avail])
     models.clear()
     free_model(ctx)
     say(tabulate(res["rows"], headers="keys", tablefmt="github", floatfmt=".3f"))

@@ -1,10 +1,16 @@
-"""Measure a cost-model device profile on the GPUs of this machine (``tdcompile calibrate``).
+"""``tdcompile calibrate``: fill the measured table for a model's shapes, fit the analytic model.
 
-Measures, in a minute or two: the cuBLAS bf16 GEMM rate on large shapes, HBM bandwidth,
-launch overhead, and -- when the process group spans >= 2 GPUs -- NCCL all_reduce latency
-and bus bandwidth and the P2P link bandwidth (copy of a peer's symmetric buffer). Whatever
-cannot be measured here (one GPU: every communication constant) is kept from the base
-profile and listed under ``extra["not_measured"]``.
+    torchrun --nproc_per_node 2 -m tdcompile.cli calibrate --model qwen3-32b --m 128,4096
+
+1. **Measured table** (what ``strategy="auto"`` decides from on a GPU): for every op and shape
+   the model produces under tensor parallelism (``model_keys``) at each M bucket, every
+   candidate implementation is timed on all ranks together (``measure.py``); the table is
+   saved to the user cache (and with ``--ship``, into the package's shipped tables).
+2. **Device profile** (the analytic model, used only where no GPU can measure): the cuBLAS
+   GEMM rate, HBM bandwidth, launch overhead, NCCL latency/bandwidth fitted to the measured
+   all-reduces, and the P2P link bandwidth; what cannot be measured is kept from the base
+   profile and listed under ``extra["not_measured"]``. The prediction error of the fitted
+   model against every measured entry is printed and saved.
 """
 from __future__ import annotations
 
@@ -21,7 +27,84 @@ from tdcompile.cost_model import DeviceProfile, profile_for_device
 
 def add_calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, help="profile to start from (default: shipped one for this GPU, else h200)")
-    p.add_argument("--out", default="tdist_profile.json", help="where to save the measured profile")
+    p.add_argument("--out", default="tdist_profile.json", help="where to save the fitted device profile")
+    p.add_argument("--model", default=None, help="fill the measured table for this model's TP shapes ('qwen3-32b')")
+    p.add_argument("--m", default="128,4096", help="comma-separated M (tokens) to measure; each fills its M bucket")
+    p.add_argument("--sp", action="store_true", help="also measure the sequence-parallel ops (AG-GEMM, GEMM-RS)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"), help="activation dtype")
+    p.add_argument("--report", default=None, help="write the measured entries and prediction errors to this JSON")
+    p.add_argument("--ship", action="store_true", help="also write the table into tdcompile/profiles/measured/")
+
+
+def model_keys(config, world: int, ms: list, dtype, sp: bool = False) -> list:
+    """The measured-table keys of a Qwen3/Llama-style decoder under TP=``world`` (HF plan:
+    o_proj / down_proj -> all_reduce; with ``sp``: q,k,v and gate,up as AG-GEMM, o_proj and
+    down_proj as GEMM-RS), at each M in ``ms``."""
+    from tdcompile.measured import Key
+    H, D = config.hidden_size, getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    q, kv, inter = config.num_attention_heads * D, config.num_key_value_heads * D, config.intermediate_size
+    keys = []
+    for m in ms:
+        kw = dict(m=m, dtype=dtype, world=world)
+        keys += [Key.of("gemm_all_reduce", n=H, k=q // world, **kw), Key.of("gemm_all_reduce", n=H, k=inter // world, **kw),
+                 Key.of("all_reduce", n=H, k=0, **kw)]
+        if sp and m % world == 0:
+            keys += [Key.of("all_gather_gemm", n=(q + 2 * kv) // world, k=H, **kw),
+                     Key.of("all_gather_gemm", n=2 * inter // world, k=H, **kw),
+                     Key.of("gemm_reduce_scatter", n=H, k=q // world, **kw),
+                     Key.of("gemm_reduce_scatter", n=H, k=inter // world, **kw)]
+    return sorted(set(keys), key=lambda k: k.id())
+
+
+def fill_table(keys: list, group_name: str, say=print) -> dict:
+    """Measure (or agree on cached) times of every key; returns ``{key id: (times, source)}``."""
+    from tdcompile import measure, measured
+    out = {}
+    for i, key in enumerate(keys):
+        times, source = measured.agreed_times(key, group_name, measure.candidates(key.op),
+                                              lambda key=key: measure.measure_key(key, group_name))
+        out[key.id()] = (times, source)
+        best, why = measured.choose(times)
+        say(f"[calibrate] {i + 1}/{len(keys)} {key.id():58s} {source:8s} -> {best:18s} "
+            + " ".join(f"{c}={t:.1f}" for c, t in times.items()), flush=True)
+    return out
+
+
+def fit_nccl(entries: dict, profile: DeviceProfile) -> dict:
+    """NCCL latency + bus bandwidth fitted (least squares) to the measured unfused all_reduces."""
+    from tdcompile.measured import Key
+    pts = []
+    for kid, (times, _) in entries.items():
+        k = Key.parse(kid)
+        if k.op == "all_reduce" and "unfused" in times:
+            nbytes = k.m * k.n * torch.empty((), dtype=getattr(torch, k.dtype)).element_size()
+            pts.append((2 * (k.world - 1) / k.world * nbytes, times["unfused"]))
+    if len(pts) < 2:
+        return {}
+    n = len(pts)
+    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+    var = sum((x - mx) ** 2 for x, _ in pts)
+    if var == 0:
+        return {}
+    slope = sum((x - mx) * (y - my) for x, y in pts) / var           # us per byte
+    return {"nccl_gbps": 1e-3 / max(slope, 1e-12), "nccl_latency_us": max(my - slope * mx, 1.0)}
+
+
+def prediction_errors(entries: dict, profile: DeviceProfile) -> list:
+    """Per measured key and candidate the analytic model predicts: predicted vs measured us."""
+    from tdcompile.cost_model import predict
+    from tdcompile.measured import Key
+    rows = []
+    for kid, (times, _) in entries.items():
+        k = Key.parse(kid)
+        elem = torch.empty((), dtype=getattr(torch, k.dtype)).element_size()
+        pred = predict(k.op, m=k.m, n=k.n, k=k.k, world_size=k.world, elem=elem, profile=profile)
+        for c, p in pred.items():
+            meas = times.get(c)
+            if meas is not None and meas != float("inf"):
+                rows.append({"key": kid, "candidate": c, "predicted_us": round(p, 1), "measured_us": round(meas, 1),
+                             "error": round((p - meas) / meas, 3)})
+    return rows
 
 
 def _median_us(fn, iters: int = 20) -> float:
@@ -82,12 +165,38 @@ def measure_comm(device) -> dict:
 def calibrate_main(args) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("tdcompile calibrate measures GPUs; no CUDA device here")
+    import json
+    import os
+
+    from tdcompile import measured as mt
     device = torch.device("cuda", torch.cuda.current_device())
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    say = print if rank0 else (lambda *a, **k: None)
     base_name = args.base or (profile_for_device().name if profile_for_device() else "h200")
     base = DeviceProfile.load(base_name)
-    local = measure_local(device)
     multi = dist.is_initialized() and dist.get_world_size() > 1
+    entries = {}
+    if args.model and multi:
+        from tdcompile.models import get_config
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+        keys = model_keys(get_config(args.model), dist.get_world_size(), [int(m) for m in args.m.split(",")],
+                          dtype, sp=args.sp)
+        say(f"[calibrate] measuring {len(keys)} shapes of {args.model} at TP={dist.get_world_size()} "
+            f"(every candidate, all ranks together, CUDA graphs)", flush=True)
+        entries = fill_table(keys, dist.group.WORLD.group_name, say)
+        tab = mt.table(dist.get_world_size())
+        if rank0:
+            say(f"[calibrate] table saved to {tab.save()}")
+            if args.ship:
+                path = os.path.join(mt._SHIPPED_DIR, mt.env_slug(tab.env) + ".json")
+                sub = mt.Table.__new__(mt.Table)
+                sub.env, sub.entries, sub.source = tab.env, {k: v for k, v in tab.entries.items()}, {}
+                say(f"[calibrate] shipped table written to {sub.save(path)}")
+    elif args.model:
+        say("[calibrate] --model needs a process group of >= 2 GPUs (torchrun --nproc_per_node N)")
+    local = measure_local(device)
     comm = measure_comm(device) if multi else {}
+    comm.update(fit_nccl(entries, base))
     fields = {f.name for f in dataclasses.fields(DeviceProfile)}
     measured = {k: round(v, 2) for k, v in {**local, **comm}.items() if k in fields}
     not_measured = sorted(f for f in ("link_gbps", "p2p_latency_us", "nccl_latency_us", "nccl_gbps", "overlap",
@@ -97,6 +206,22 @@ def calibrate_main(args) -> None:
         source=f"tdcompile calibrate on {torch.cuda.get_device_name(device)} x{dist.get_world_size() if multi else 1}, "
                f"{datetime.datetime.now().isoformat(timespec='seconds')}, torch {torch.__version__}; base {base.name}",
         extra={"measured": {**local, **comm}, "not_measured": not_measured})
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    errors = prediction_errors(entries, prof)
+    if rank0:
         prof.save(args.out)
-        print(f"saved {args.out}: {measured}; kept from {base.name}: {not_measured}")
+        say(f"saved {args.out}: {measured}; kept from {base.name}: {not_measured}")
+        if errors:
+            from tabulate import tabulate
+            say(tabulate(errors, headers="keys", tablefmt="simple"))
+        if args.report:
+            import sys
+            from tdcompile.bench import machine, versions
+            with open(args.report, "w") as f:
+                json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+                           "machine": machine(device), "versions": versions(),
+                           "world": dist.get_world_size() if multi else 1, "env": mt.environment(
+                               dist.get_world_size() if multi else 1),
+                           "entries": {k: {"times_us": t, "source": s, "choice": mt.choose(t)[0]}
+                                       for k, (t, s) in entries.items()},
+                           "profile": dataclasses.asdict(prof), "prediction_errors": errors}, f, indent=1)
+            say(f"[calibrate] report written to {args.report}")

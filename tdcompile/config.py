@@ -1,31 +1,69 @@
-"""Options of the ``tdist`` backend: ``torch.compile(m, backend="tdist", options={...})``."""
+"""Options of the ``tdist`` backend and the one vocabulary a decision travels in.
+
+A decision goes, with the same names all the way, from the user's option to a kernel::
+
+    Options.strategy          "auto" | an IMPL family | "sequence_parallel" | "bound"
+      -> Decision.choice      an IMPL ("unfused", "fused", "symm_mem", "fused:one_shot", ...)
+                              or "auto" (decided at run time from the measured table)
+        -> tdist op's ``impl`` argument   (same string, kept in the graph so dumps show it)
+          -> ops/cuda.py runs the family's implementation (and the variant, if any)
+
+An IMPL is ``family`` or ``family:variant``:
+
+* ``unfused``  -- exactly what Inductor runs: NCCL collective + cuBLAS GEMM.
+* ``fused``    -- tdcompile's Triton kernels over symmetric memory.
+* ``symm_mem`` -- torch's symmetric-memory ops (``torch.distributed._symmetric_memory``),
+  where the installed torch has them.
+"""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-STRATEGIES = ("auto", "fused", "unfused", "sequence_parallel")
+FAMILIES = ("unfused", "fused", "symm_mem")
+"""Implementation families of a ``tdist`` op (see the module docstring)."""
+STRATEGIES = ("auto", *FAMILIES, "sequence_parallel", "bound")
+"""Values of ``Options.strategy``."""
+
+
+def family(impl: str) -> str:
+    """``"fused:one_shot"`` -> ``"fused"``."""
+    return impl.split(":", 1)[0]
+
+
+def variant(impl: str) -> Optional[str]:
+    """``"fused:one_shot"`` -> ``"one_shot"``; ``"fused"`` -> None."""
+    return impl.split(":", 1)[1] if ":" in impl else None
+
+
+def check_impl(impl: str) -> None:
+    """Raise ``ValueError`` unless ``impl`` is ``"auto"`` or ``family[:variant]`` of a known family."""
+    if impl != "auto" and family(impl) not in FAMILIES:
+        raise ValueError(f"tdist: impl must be 'auto' or one of {FAMILIES} (optionally ':variant'), got {impl!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Options:
     strategy: str = "auto"
-    """How matches are decided. ``"auto"``: the cost model picks, per match and shape, the
-    fastest of unfused (NCCL + cuBLAS), the fused kernel, and -- for all-reduce regions --
-    the sequence-parallel form; with no device profile (CPU) it keeps everything unfused.
-    ``"fused"``: fuse every match. ``"unfused"``: rewrite nothing (plain Inductor).
-    ``"sequence_parallel"``: turn every all_reduce region into reduce_scatter ... all_gather
-    and fuse those into GEMM-ReduceScatter / AllGather-GEMM."""
+    """How matches are decided. ``"auto"``: per match and shape, the fastest candidate in the
+    measured table (unfused, every tdist kernel variant, torch symmetric memory), unfused
+    winning ties within 2%; a shape not yet measured is measured on its first call on the GPU
+    (all ranks together); without a GPU the fitted analytic model predicts, or, with no profile,
+    everything stays unfused. ``"unfused"``: rewrite nothing (plain Inductor). ``"fused"`` /
+    ``"symm_mem"``: force that family on every match. ``"sequence_parallel"``: turn every
+    all_reduce region into reduce_scatter ... all_gather and fuse those. ``"bound"``: replace
+    every collective with a no-op of the same shape -- a timing bound, NOT a valid output."""
 
     dump_dir: Optional[str] = None
     """If set, write the graphs before/after each stage (``rank{r}/graph{g}/NN.stage.py``)
     and the rewrite report there."""
 
     profile: Optional[str] = None
-    """Device profile for the cost model: a shipped name (``"h100"``, ``"h200"``) or a JSON
-    path written by ``tdcompile calibrate``. Default: the shipped profile matching the GPU
-    in use, none on CPU."""
+    """Device profile: a shipped name (``"h100"``, ``"h200"``) or a JSON path written by
+    ``tdcompile calibrate``. It names the measured table ``auto`` decides from and the analytic
+    model's constants. Default: the one matching the GPU in use, none on CPU."""
 
     min_sp_rows: int = 0
     """Sequence parallel needs at least this many rows (tokens) per graph; smaller graphs
@@ -33,12 +71,28 @@ class Options:
 
     @staticmethod
     def from_mapping(options: Optional[Mapping[str, Any]]) -> "Options":
-        options = dict(options or {})
-        valid = {f.name for f in dataclasses.fields(Options)}
-        unknown = sorted(set(options) - valid)
+        """Validate ``options`` (the dict given to ``torch.compile``) and build ``Options``."""
+        if options is None:
+            options = {}
+        if not isinstance(options, Mapping):
+            raise TypeError(f"tdist: options must be a dict such as {{'strategy': 'auto'}}, "
+                            f"got {type(options).__name__} {options!r}")
+        valid = [f.name for f in dataclasses.fields(Options)]
+        unknown = sorted(set(options) - set(valid))
         if unknown:
-            raise ValueError(f"tdist: unknown option(s) {unknown}; valid options are {sorted(valid)}")
-        opts = Options(**options)
-        if opts.strategy not in STRATEGIES:
-            raise ValueError(f"tdist: strategy must be one of {STRATEGIES}, got {opts.strategy!r}")
-        return opts
+            raise ValueError(f"tdist: unknown option(s) {unknown}; valid options are {valid}")
+        o = dict(options)
+        if not isinstance(o.get("strategy", "auto"), str) or o.get("strategy", "auto") not in STRATEGIES:
+            raise ValueError(f"tdist: option 'strategy' must be one of {STRATEGIES}, got {o.get('strategy')!r}")
+        for name in ("dump_dir", "profile"):
+            if o.get(name) is not None and not isinstance(o[name], (str, os.PathLike)):
+                raise TypeError(f"tdist: option {name!r} must be a path string or None, got {o[name]!r}")
+            if o.get(name) is not None:
+                o[name] = os.fspath(o[name])
+        rows = o.get("min_sp_rows", 0)
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise ValueError(f"tdist: option 'min_sp_rows' must be an int >= 0, got {rows!r}")
+        if o.get("profile") is not None:
+            from tdcompile.cost_model import DeviceProfile
+            DeviceProfile.load(o["profile"])        # raises ValueError naming the shipped profiles
+        return Options(**o)

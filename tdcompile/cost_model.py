@@ -10,11 +10,12 @@ measured by ``tdcompile calibrate``):
 * fused op        the GEMM and the transfer overlap except for ``1 - overlap`` of the
                   transfer and the part that cannot start before the first data arrives.
 
-``decide`` turns predictions into a :class:`Decision` with a human-readable reason.
+``decide`` turns the measured table (on a GPU) or these predictions (no GPU) into a
+:class:`Decision` with a human-readable reason. On a GPU the analytic model never decides:
+it is fitted to the measurements by ``tdcompile calibrate``, which reports its error per op.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -84,10 +85,18 @@ def profile_for_device(device: Optional[torch.device] = None) -> Optional[Device
 @dataclass(frozen=True)
 class Decision:
     choice: str
-    """``"fused"``, ``"unfused"`` or ``"auto"`` (decided at run time inside the op)."""
-    predicted_us: dict
-    """Candidate name -> predicted microseconds (empty without a profile)."""
+    """An impl of ``config.FAMILIES`` (``"unfused"``, ``"fused"``, ``"symm_mem:two_shot"``, ...) or
+    ``"auto"`` (decided at run time inside the op, from the measured table)."""
+    candidates_us: dict
+    """Candidate impl -> microseconds (empty when nothing is known yet)."""
     reason: str
+    source: str = "-"
+    """Where ``candidates_us`` came from: ``"measured"`` (in this process), ``"cached"`` (user
+    cache), ``"shipped"`` (the package's measured table), ``"predicted"`` (analytic model)."""
+
+    @property
+    def predicted_us(self) -> dict:  # the name reports and older callers use
+        return self.candidates_us
 
 
 # ------------------------------------------------------------------ primitives
@@ -146,36 +155,32 @@ def predict(pattern: str, *, m: int, n: int, k: int, world_size: int, elem: int,
 
 
 def decide(pattern: str, *, m: Optional[int], n: int, k: int, world_size: int, dtype: torch.dtype,
-           strategy: str, profile: Optional[DeviceProfile]) -> Decision:
-    """Pick an implementation for one match. ``m=None`` means dynamic (unknown at compile time)."""
+           strategy: str, profile: Optional[DeviceProfile], table=None) -> Decision:
+    """Pick an implementation for one match. ``m=None`` means dynamic (unknown at compile time).
+
+    ``table`` (a :class:`tdcompile.measured.Table`, given on a GPU) makes ``"auto"`` decide from
+    measurements only; without it (no GPU) the analytic model predicts from ``profile``."""
+    from tdcompile import measured
+    from tdcompile.config import FAMILIES
+
+    if strategy in FAMILIES or strategy == "sequence_parallel":
+        impl = "fused" if strategy == "sequence_parallel" else strategy
+        return Decision(impl, {}, f"strategy={strategy!r} forces {impl!r} on every match")
+    if table is not None:
+        if m is None:
+            return Decision("auto", {}, "dynamic M: the op picks from the measured table per M bucket at run time")
+        key = measured.Key.of(pattern, m=m, n=n, k=k, dtype=dtype, world=world_size)
+        hit = table.lookup(key)
+        if hit is None:
+            return Decision("auto", {}, f"not in the measured table ({key.id()}): measured on the first call, "
+                                        "all ranks together")
+        choice, why = measured.choose(hit[0])
+        return Decision(choice, {c: round(t, 1) for c, t in hit[0].items()}, why, source=hit[1])
+    if profile is None or m is None:
+        return Decision("unfused", {}, "no GPU and no device profile: keeping NCCL/gloo + GEMM" if profile is None
+                        else "no GPU and dynamic M: keeping NCCL/gloo + GEMM")
     elem = torch.empty((), dtype=dtype).element_size()
-    pred = {} if (profile is None or m is None) else predict(
-        pattern, m=m, n=n, k=k, world_size=world_size, elem=elem, profile=profile)
-    pred = {c: round(t, 2) for c, t in pred.items()}
-    if strategy in ("fused", "sequence_parallel"):
-        return Decision("fused", pred, f"strategy={strategy!r} fuses every match")
-    if strategy == "unfused":
-        return Decision("unfused", pred, "strategy='unfused'")
-    if profile is None:
-        return Decision("unfused", pred, "no device profile (CPU or unknown GPU): fused kernels need a "
-                                         "calibrated GPU, keeping NCCL/gloo + GEMM")
-    if m is None:
-        return Decision("auto", pred, "dynamic M: the op decides at run time from the actual M")
-    best = min(pred, key=pred.get)
-    if best == "fused" and pred["fused"] < pred["unfused"] * 0.99:
-        return Decision("fused", pred, f"fused predicted {pred['unfused'] / pred['fused']:.2f}x faster")
-    return Decision("unfused", pred, "fused not predicted >1% faster")
-
-
-@functools.lru_cache(maxsize=4096)
-def decide_at_runtime(pattern: str, *, m: int, n: int, k: int, world_size: int, dtype: torch.dtype) -> str:
-    """Called by the CUDA ops with ``impl="auto"``: ``"fused"`` or ``"unfused"`` for the actual M."""
-    d = decide(pattern, m=m, n=n, k=k, world_size=world_size, dtype=dtype, strategy="auto",
-               profile=_runtime_profile())
-    return "fused" if d.choice == "fused" else "unfused"
-
-
-@functools.lru_cache(maxsize=1)
-def _runtime_profile() -> Optional[DeviceProfile]:
-    env = os.environ.get("TDIST_PROFILE")
-    return DeviceProfile.load(env) if env else profile_for_device()
+    pred = {c: round(t, 2) for c, t in predict(pattern, m=m, n=n, k=k, world_size=world_size, elem=elem,
+                                                profile=profile).items()}
+    choice, why = measured.choose(pred)
+    return Decision(choice, pred, f"predicted (no GPU to measure on): {why}", source="predicted")

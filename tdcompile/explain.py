@@ -1,6 +1,7 @@
 """``tdcompile.explain``: compile a model with tdist and return what the compiler did."""
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -16,6 +17,7 @@ def explain(model, *args, options: Optional[dict] = None, fullgraph: bool = Fals
     The compiled output of that call is kept as ``report.output``."""
     report = Report()
     torch._dynamo.reset()  # compile afresh so every graph goes through the pass
+    backend._graph_ids = itertools.count()  # graph ids count per explain() call
     backend._sinks.append(report)
     try:
         compiled = torch.compile(model, backend="tdist", options=options or {}, fullgraph=fullgraph)

@@ -35,8 +35,9 @@ def h200():
                                overlap=0.8, fused_gemm_efficiency=0.92)
 
 
-def decide(pattern, m, n, k, profile, strategy="auto", dtype=BF16, world_size=2):
-    return cm.decide(pattern, m=m, n=n, k=k, world_size=world_size, dtype=dtype, strategy=strategy, profile=profile)
+def decide(pattern, m, n, k, profile, strategy="auto", dtype=BF16, world_size=2, table=None):
+    return cm.decide(pattern, m=m, n=n, k=k, world_size=world_size, dtype=dtype, strategy=strategy, profile=profile,
+                     table=table)
 
 
 # (pattern, M, N, K, expected choice, expected {candidate: us}) -- arithmetic in the comments
@@ -91,14 +92,15 @@ def test_gemm_and_collective_primitives_follow_the_documented_formulas(h200):
     assert cm.p2p_transfer_us(h200, nbytes, 2) == pytest.approx(0.5 * nbytes / 350e9 * 1e6)
 
 
-def test_fused_reason_states_the_predicted_speedup(h200):
+def test_fused_reason_states_the_predicted_speedup_and_that_it_is_a_prediction(h200):
     d = decide("all_reduce", 128, H, 0, h200)
-    assert d.reason == f"fused predicted {37.23 / 10.35:.2f}x faster"
+    assert d.reason == f"predicted (no GPU to measure on): fused {37.23 / 10.35:.2f}x faster than unfused"
+    assert d.source == "predicted"
 
 
-def test_unfused_reason_says_fused_is_not_predicted_faster(h200):
+def test_unfused_reason_says_unfused_is_fastest(h200):
     d = decide("gemm_reduce_scatter", 16384, H, DOWN_K, h200)
-    assert d.choice == "unfused" and "not predicted >1% faster" in d.reason
+    assert d.choice == "unfused" and "unfused is fastest" in d.reason
 
 
 def test_without_a_profile_everything_stays_unfused_and_the_reason_names_the_profile():
@@ -111,14 +113,13 @@ def test_without_a_profile_everything_stays_unfused_and_the_reason_names_the_pro
 def test_strategy_fused_overrides_a_cost_model_that_prefers_unfused(h200):
     assert decide("all_gather_gemm", 4096, GATE_UP_N, H, h200).choice == "unfused"
     d = decide("all_gather_gemm", 4096, GATE_UP_N, H, h200, strategy="fused")
-    assert d.choice == "fused" and "fuses every match" in d.reason
-    assert d.predicted_us == {"unfused": 1555.65, "fused": 1599.16}   # still shown in the report
+    assert d.choice == "fused" and "forces 'fused' on every match" in d.reason
 
 
 def test_strategy_unfused_overrides_a_cost_model_that_prefers_fused(h200):
     assert decide("all_reduce", 128, H, 0, h200).choice == "fused"
     d = decide("all_reduce", 128, H, 0, h200, strategy="unfused")
-    assert d.choice == "unfused" and d.reason == "strategy='unfused'"
+    assert d.choice == "unfused" and d.reason == "strategy='unfused' forces 'unfused' on every match"
 
 
 @pytest.mark.parametrize("profile_name", [None, "h200"])
@@ -129,24 +130,47 @@ def test_strategy_overrides_apply_without_a_profile_too(profile_name):
     assert decide("gemm_all_reduce", 128, H, O_K, profile, strategy="unfused").choice == "unfused"
 
 
-def test_dynamic_m_is_decided_at_run_time(h200):
-    d = decide("gemm_all_reduce", None, H, O_K, h200)
-    assert d.choice == "auto" and d.predicted_us == {} and "run time" in d.reason
-    assert decide("gemm_all_reduce", None, H, O_K, profile=None).choice == "unfused"   # CPU: nothing to decide
+def test_dynamic_m_is_left_to_the_op_on_a_gpu_and_unfused_without_one(h200):
+    d = decide("gemm_all_reduce", None, H, O_K, h200, table=_table({}))
+    assert d.choice == "auto" and d.candidates_us == {} and "run time" in d.reason
+    assert decide("gemm_all_reduce", None, H, O_K, h200).choice == "unfused"            # no GPU: no runtime table
+    assert decide("gemm_all_reduce", None, H, O_K, profile=None).choice == "unfused"
     assert decide("gemm_all_reduce", None, H, O_K, h200, strategy="fused").choice == "fused"
 
 
-def test_run_time_decision_uses_the_actual_m(monkeypatch):
-    monkeypatch.setenv("TDIST_PROFILE", "h200")
-    cm._runtime_profile.cache_clear()
-    cm.decide_at_runtime.cache_clear()
-    try:
-        kw = dict(n=GATE_UP_N, k=H, world_size=2, dtype=BF16)
-        assert cm.decide_at_runtime("all_gather_gemm", m=8, **kw) == "fused"       # decode
-        assert cm.decide_at_runtime("all_gather_gemm", m=4096, **kw) == "unfused"  # prefill
-    finally:
-        cm._runtime_profile.cache_clear()
-        cm.decide_at_runtime.cache_clear()
+def _table(entries: dict, source="shipped"):
+    from tdcompile import measured
+    t = measured.Table.__new__(measured.Table)
+    t.env, t.entries, t.source = {}, {}, {}
+    for key, times in entries.items():
+        t.record(key, times, source)
+    return t
+
+
+def test_on_a_gpu_auto_decides_from_the_measured_table_not_the_analytic_model(h200):
+    from tdcompile.measured import Key
+    # the analytic model believes fused all_reduce is 3.6x faster at M=128 ...
+    assert decide("all_reduce", 128, H, 0, h200).choice == "fused"
+    # ... the measurement says it is 2x slower: the measurement wins
+    key = Key.of("all_reduce", m=128, n=H, k=0, dtype=BF16, world=2)
+    d = decide("all_reduce", 128, H, 0, h200, table=_table({key: {"unfused": 20.4, "fused": 44.4}}))
+    assert d.choice == "unfused" and d.source == "shipped" and d.candidates_us == {"unfused": 20.4, "fused": 44.4}
+
+
+def test_a_measured_winner_must_beat_unfused_by_more_than_two_percent(h200):
+    from tdcompile.measured import Key
+    key = Key.of("gemm_all_reduce", m=100, n=H, k=O_K, dtype=BF16, world=2)     # M=100 -> bucket 128
+    assert key.m == 128
+    win = _table({key: {"unfused": 80.0, "fused": 111.7, "symm_mem:two_shot": 70.0}})
+    assert decide("gemm_all_reduce", 100, H, O_K, h200, table=win).choice == "symm_mem:two_shot"
+    tie = _table({key: {"unfused": 80.0, "symm_mem:two_shot": 79.0}})
+    d = decide("gemm_all_reduce", 100, H, O_K, h200, table=tie)
+    assert d.choice == "unfused" and "tie goes to unfused" in d.reason
+
+
+def test_a_shape_missing_from_the_table_is_left_to_the_op_to_measure(h200):
+    d = decide("gemm_all_reduce", 4096, H, O_K, h200, table=_table({}))
+    assert d.choice == "auto" and "measured on the first call" in d.reason
 
 
 @pytest.mark.parametrize("pattern,n,k", [("gemm_all_reduce", H, O_K), ("gemm_all_reduce", H, DOWN_K),

@@ -24,13 +24,14 @@ i.e. the transposed ``nn.Linear`` weight exactly as it appears in the ATen graph
     gemm_reduce_scatter(a[M,K], b[K,N], bias[N]?, world_size, group_name, impl)
                                                              -> reduce_scatter(a @ b + bias, dim 0)
 
-``impl`` is the compiler's choice, kept in the graph so dumps show it:
-``"fused"`` (run the fused kernel), ``"unfused"`` (NCCL + cuBLAS) or ``"auto"``
-(decide at run time from the actual M with the cost model; used for dynamic M).
+``impl`` is the compiler's choice, kept in the graph so dumps show it, in the vocabulary of
+``tdcompile.config``: ``"unfused"`` (NCCL + cuBLAS), ``"fused"`` (our Triton kernels),
+``"symm_mem"`` (torch symmetric memory), each optionally ``:variant``, or ``"auto"`` (the
+measured table's choice for the actual M; used for dynamic M and shapes not measured yet).
 Off CUDA every ``impl`` runs the reference implementation.
 """
 from tdcompile.ops import library  # noqa: F401  (registers the ops)
 from tdcompile.ops import cuda  # noqa: F401  (CUDA implementations; imports no Triton until called)
-from tdcompile.ops.library import IMPLS, OP_NAMES
+from tdcompile.ops.library import OP_NAMES
 
-__all__ = ["IMPLS", "OP_NAMES"]
+__all__ = ["OP_NAMES"]

@@ -1,147 +1,225 @@
-"""CUDA implementations of the ``tdist::*`` ops.
+"""CUDA implementations of the ``tdist::*`` ops: ``impl`` -> the family that runs it.
 
-``impl`` dispatch:
-  * ``"unfused"``: the reference sequence (on CUDA: NCCL collective + cuBLAS GEMM);
-  * ``"fused"``: the Triton kernels over symmetric memory (``tdcompile.kernels``), falling
-    back to unfused with a logged reason (logger ``tdcompile.ops``, once per reason) when
-    the inputs are unsupported (dtype, shapes over the workspace, world size, no P2P,
-    kernels or Triton unavailable, first call inside CUDA-graph capture, ...);
-  * ``"auto"``: ``tdcompile.cost_model.decide_at_runtime`` picks one of the two from the
-    actual shapes.
+``impl`` is the vocabulary of ``tdcompile.config`` (``family[:variant]`` or ``"auto"``):
 
-Every fallback reason depends only on shapes, dtypes and the group, so all ranks take the
-same path.  Kernel timeouts (a peer that never arrived) raise ``RuntimeError`` and are
-never swallowed.  Importing this module does not import Triton.
+* ``"auto"``     -> the measured table's choice for the actual shape (``measured.agreed_times``;
+                    a shape not in the table is measured now, on all ranks together);
+* ``"unfused"``  -> the reference sequence (on CUDA: NCCL collective + cuBLAS GEMM);
+* ``"fused"``    -> tdcompile's Triton kernels over symmetric memory (``tdcompile.kernels``);
+* ``"symm_mem"`` -> torch's symmetric-memory ops (``ops/symm_mem.py``).
+
+**No rank divergence.** The first call of every (op, impl, group, input signature) is a
+collective: every rank checks whether the family can run (inputs, Triton, workspace or
+buffers) and the ranks agree (``measured.all_agree``); if any rank cannot, *every* rank runs
+unfused, with the reason logged. A first call inside CUDA-graph capture cannot agree (no host
+sync there), so it runs unfused on every rank -- the capture point is the same on all ranks.
+Kernel timeouts (a peer that never arrived) raise ``RuntimeError`` naming op and rank.
+
+``RAN[(op, family)]`` counts what actually ran, so tests and the measuring harness can prove
+which implementation produced a result. Importing this module does not import Triton.
 """
 from __future__ import annotations
 
+import collections
 import logging
-from typing import Optional
+import os
+from typing import Callable, Optional
 
 import torch
 
+from tdcompile import measured
+from tdcompile.config import family, variant
 from tdcompile.ops import reference as ref
 
 log = logging.getLogger("tdcompile.ops")
+RAN: collections.Counter = collections.Counter()
+"""``(op, family that ran)`` -> number of calls."""
+_READY: dict[tuple, Optional[str]] = {}   # agreed first-call verdicts: None = ready, else the reason
 _NOTED: set = set()
-_DISABLED: dict = {}      # group_name -> reason the workspace could not be created
 
 
-def _note(op: str, reason: str, level=logging.INFO) -> None:
-    key = (op, reason)
-    if key not in _NOTED:
-        _NOTED.add(key)
-        log.log(level, "tdist::%s: running unfused: %s", op, reason)
+def _note(op: str, reason: str) -> None:
+    if (op, reason) not in _NOTED:
+        _NOTED.add((op, reason))
+        log.info("tdist::%s: running unfused: %s", op, reason)
 
 
-def _world_size(group_name: str) -> int:
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _world(group_name: str) -> int:
     from torch.distributed.distributed_c10d import _resolve_process_group
     return _resolve_process_group(group_name).size()
 
 
-def _decide(op: str, impl: str, *, m: int, n: int, k: int, world_size: int, dtype) -> str:
+def _sig(*tensors) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, t.is_contiguous()) if isinstance(t, torch.Tensor) else t
+                 for t in tensors)
+
+
+def _fault(what: str) -> Optional[str]:
+    """Fault injection for tests: ``TDCOMPILE_FAULT_INJECT="<what>:<rank>"`` fails ``what`` on that rank."""
+    spec = os.environ.get("TDCOMPILE_FAULT_INJECT", "")
+    if ":" in spec:
+        w, r = spec.rsplit(":", 1)
+        import torch.distributed as dist
+        if w == what and dist.is_initialized() and str(dist.get_rank()) == r:
+            return f"fault injected into {what} on rank {r}"
+    return None
+
+
+def ready(op: str, impl: str, group_name: str, sig: tuple, prepare: Callable[[], Optional[str]]) -> bool:
+    """Whether ``impl`` may run ``op`` for this signature, agreed by every rank of the group.
+
+    ``prepare()`` returns None when this rank can run it (doing any collective set-up:
+    workspace, symmetric buffers), or the reason it cannot. Decided once per signature."""
+    key = (op, impl, group_name, sig)
+    if key not in _READY:
+        if _capturing():
+            _note(op, f"{impl}: first call inside CUDA-graph capture (ranks cannot agree there)")
+            return False
+        try:
+            reason = _fault(family(impl)) or prepare()
+        except Exception as e:  # noqa: BLE001  (ImportError, P2P/rendezvous failures, ...)
+            reason = f"{type(e).__name__}: {e}"
+        agreed = measured.all_agree(reason is None, group_name)
+        if agreed:
+            _READY[key] = None
+        else:
+            _READY[key] = f"{impl} unavailable on " + (f"this rank ({reason})" if reason else "another rank")
+            log.warning("tdist::%s: %s; every rank runs unfused", op, _READY[key])
+    if _READY[key] is not None:
+        _note(op, _READY[key])
+    return _READY[key] is None
+
+
+def resolve(op: str, impl: str, group_name: str, *, m: int, n: int, k: int, dtype) -> str:
+    """``impl``, with ``"auto"`` replaced by the measured choice for the actual shape."""
     if impl != "auto":
         return impl
-    try:
-        from tdcompile.cost_model import decide_at_runtime
-    except (ImportError, AttributeError) as e:
-        _note(op, f"impl='auto' but the cost model is unavailable ({e})", logging.DEBUG)
+    key = measured.Key.of(op, m=m, n=n, k=k, dtype=dtype, world=_world(group_name))
+    hit = measured._AGREED.get((key, group_name))
+    if hit is not None:
+        return hit[0]
+    if _capturing():
+        _note(op, f"impl='auto' for {key.id()} first seen inside CUDA-graph capture: cannot measure there")
         return "unfused"
-    return decide_at_runtime(op, m=m, n=n, k=k, world_size=world_size, dtype=dtype)
+    from tdcompile import measure
+    measured.agreed_times(key, group_name, measure.candidates(op),
+                          lambda: measure.measure_key(key, group_name))
+    return measured._AGREED[(key, group_name)][0]
 
 
-def _workspace(op: str, group_name: str):
-    """The group's kernel workspace, or None (reason logged)."""
-    if group_name in _DISABLED:
-        _note(op, _DISABLED[group_name])
-        return None
-    try:
-        from tdcompile.kernels import symm
-        import triton  # noqa: F401
-        return symm.get_workspace(group_name)
-    except Exception as e:  # noqa: BLE001  (ImportError, ValueError, P2P/rendezvous failures)
+def _workspace(group_name: str):
+    from tdcompile.kernels import symm
+    import triton  # noqa: F401
+    return symm.get_workspace(group_name)
+
+
+def _run(op: str, impl: str, group_name: str, sig: tuple, fused: Callable, symm: Callable, unfused: Callable,
+         check_fused: Callable, check_symm: Callable):
+    fam = family(impl)
+    if fam == "fused" and ready(op, impl, group_name, sig, check_fused):
         from tdcompile.kernels.symm import _Unsupported
-        reason = f"fused kernels unavailable for group {group_name!r}: {type(e).__name__}: {e}"
-        if not isinstance(e, _Unsupported):       # permanent: do not retry every call
-            _DISABLED[group_name] = reason
-        _note(op, reason)
-        return None
-
-
-def _fused(op: str, group_name: str, launch):
-    """Run ``launch(ws)``; None when the fused path does not apply (reason logged)."""
-    ws = _workspace(op, group_name)
-    if ws is None:
-        return None
-    from tdcompile.kernels.symm import _Unsupported
-    try:
-        return launch(ws)
-    except _Unsupported as e:
-        _note(op, str(e))
-        return None
+        try:
+            out = fused(_workspace(group_name))
+            RAN[(op, "fused")] += 1
+            return out
+        except _Unsupported as e:      # shape-only reasons (workspace size): the same on every rank
+            _note(op, str(e))
+    elif fam == "symm_mem" and ready(op, impl, group_name, sig, check_symm):
+        out = symm()
+        RAN[(op, "symm_mem")] += 1
+        return out
+    RAN[(op, "unfused")] += 1
+    return unfused()
 
 
 # ---------------------------------------------------------------------------- registrations
 @torch.library.register_kernel("tdist::all_reduce", "cuda")
 def _all_reduce_cuda(x: torch.Tensor, group_name: str, impl: str = "auto") -> torch.Tensor:
+    from tdcompile.ops import symm_mem as sm
     n = x.shape[-1] if x.dim() else 1
-    ws_n = _world_size(group_name)
-    if _decide("all_reduce", impl, m=x.numel() // max(n, 1), n=n, k=0, world_size=ws_n, dtype=x.dtype) == "fused":
-        def launch(ws):
-            from tdcompile.kernels.all_reduce import all_reduce
-            return all_reduce(ws, x)
-        out = _fused("all_reduce", group_name, launch)
-        if out is not None:
-            return out
-    return ref.all_reduce(x, group_name)
+    impl = resolve("all_reduce", impl, group_name, m=x.numel() // max(n, 1), n=n, k=0, dtype=x.dtype)
+
+    def fused(ws):
+        from tdcompile.kernels import all_reduce as k
+        return k.all_reduce(ws, x, variant=variant(impl)) if variant(impl) else k.all_reduce(ws, x)
+
+    def check_fused():
+        from tdcompile.kernels.all_reduce import unsupported_reason
+        return unsupported_reason(_workspace(group_name), x)
+
+    return _run("all_reduce", impl, group_name, _sig(x), fused,
+                lambda: sm.all_reduce(x, group_name, variant(impl)), lambda: ref.all_reduce(x, group_name),
+                check_fused, lambda: sm.prepare_all_reduce(x.shape, x.dtype, group_name))
 
 
 @torch.library.register_kernel("tdist::gemm_all_reduce", "cuda")
 def _gemm_all_reduce_cuda(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], group_name: str,
                           impl: str = "auto") -> torch.Tensor:
-    if _decide("gemm_all_reduce", impl, m=a.shape[0], n=b.shape[1], k=a.shape[1],
-               world_size=_world_size(group_name), dtype=a.dtype) == "fused":
-        def launch(ws):
-            from tdcompile.kernels.gemm_all_reduce import gemm_all_reduce
-            return gemm_all_reduce(ws, a, b, bias)
-        out = _fused("gemm_all_reduce", group_name, launch)
-        if out is not None:
-            return out
-    return ref.gemm_all_reduce(a, b, bias, group_name)
+    from tdcompile.ops import symm_mem as sm
+    impl = resolve("gemm_all_reduce", impl, group_name, m=a.shape[0], n=b.shape[1], k=a.shape[1], dtype=a.dtype)
+
+    def fused(ws):
+        from tdcompile.kernels.gemm_all_reduce import gemm_all_reduce
+        return gemm_all_reduce(ws, a, b, bias)
+
+    def check_fused():
+        from tdcompile.kernels.gemm_all_reduce import unsupported_reason
+        return unsupported_reason(_workspace(group_name), a, b, bias)
+
+    shape = (a.shape[0], b.shape[1])
+    return _run("gemm_all_reduce", impl, group_name, _sig(a, b, bias), fused,
+                lambda: sm.gemm_all_reduce(a, b, bias, group_name, variant(impl)),
+                lambda: ref.gemm_all_reduce(a, b, bias, group_name),
+                check_fused, lambda: sm.prepare_all_reduce(shape, a.dtype, group_name))
 
 
 @torch.library.register_kernel("tdist::all_gather_gemm", "cuda")
 def _all_gather_gemm_cuda(a_shard: torch.Tensor, bs: list[torch.Tensor], world_size: int, group_name: str,
                           return_a: bool = False, impl: str = "auto") -> tuple[torch.Tensor, list[torch.Tensor]]:
-    if _decide("all_gather_gemm", impl, m=a_shard.shape[0] * world_size, n=sum(b.shape[1] for b in bs),
-               k=a_shard.shape[1], world_size=world_size, dtype=a_shard.dtype) == "fused":
-        def launch(ws):
-            from tdcompile.kernels.all_gather_gemm import all_gather_gemm
-            from tdcompile.kernels.symm import _Unsupported
-            if ws.world != world_size:
-                raise _Unsupported(f"world_size {world_size} != group size {ws.world}")
-            return all_gather_gemm(ws, a_shard, list(bs), return_a)
-        out = _fused("all_gather_gemm", group_name, launch)
-        if out is not None:
-            return out
-    return ref.all_gather_gemm(a_shard, bs, world_size, group_name, return_a)
+    from tdcompile.ops import symm_mem as sm
+    impl = resolve("all_gather_gemm", impl, group_name, m=a_shard.shape[0] * world_size,
+                   n=sum(b.shape[1] for b in bs), k=a_shard.shape[1], dtype=a_shard.dtype)
+
+    def fused(ws):
+        from tdcompile.kernels.all_gather_gemm import all_gather_gemm
+        return all_gather_gemm(ws, a_shard, list(bs), return_a)
+
+    def check_fused():
+        from tdcompile.kernels.all_gather_gemm import unsupported_reason
+        ws = _workspace(group_name)
+        return f"world_size {world_size} != group size {ws.world}" if ws.world != world_size else \
+            unsupported_reason(ws, a_shard, bs)
+
+    return _run("all_gather_gemm", impl, group_name, _sig(a_shard, *bs, world_size, return_a), fused,
+                lambda: sm.all_gather_gemm(a_shard, list(bs), world_size, group_name, return_a),
+                lambda: ref.all_gather_gemm(a_shard, bs, world_size, group_name, return_a),
+                check_fused, lambda: sm.prepare_all_gather_gemm(a_shard, world_size, group_name))
 
 
 @torch.library.register_kernel("tdist::gemm_reduce_scatter", "cuda")
 def _gemm_reduce_scatter_cuda(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], world_size: int,
                               group_name: str, impl: str = "auto") -> torch.Tensor:
-    if _decide("gemm_reduce_scatter", impl, m=a.shape[0], n=b.shape[1], k=a.shape[1], world_size=world_size,
-               dtype=a.dtype) == "fused":
-        def launch(ws):
-            from tdcompile.kernels.gemm_reduce_scatter import gemm_reduce_scatter
-            from tdcompile.kernels.symm import _Unsupported
-            if ws.world != world_size:
-                raise _Unsupported(f"world_size {world_size} != group size {ws.world}")
-            return gemm_reduce_scatter(ws, a, b, bias)
-        out = _fused("gemm_reduce_scatter", group_name, launch)
-        if out is not None:
-            return out
-    return ref.gemm_reduce_scatter(a, b, bias, world_size, group_name)
+    from tdcompile.ops import symm_mem as sm
+    impl = resolve("gemm_reduce_scatter", impl, group_name, m=a.shape[0], n=b.shape[1], k=a.shape[1], dtype=a.dtype)
+
+    def fused(ws):
+        from tdcompile.kernels.gemm_reduce_scatter import gemm_reduce_scatter
+        return gemm_reduce_scatter(ws, a, b, bias)
+
+    def check_fused():
+        from tdcompile.kernels.gemm_reduce_scatter import unsupported_reason
+        ws = _workspace(group_name)
+        return f"world_size {world_size} != group size {ws.world}" if ws.world != world_size else \
+            unsupported_reason(ws, a, b, bias)
+
+    return _run("gemm_reduce_scatter", impl, group_name, _sig(a, b, bias, world_size), fused,
+                lambda: sm.gemm_reduce_scatter(a, b, group_name),
+                lambda: ref.gemm_reduce_scatter(a, b, bias, world_size, group_name),
+                check_fused, lambda: sm.prepare_gemm_reduce_scatter(a, bias, world_size, group_name))
 
 
 def check_errors(group_name: str | None = None, sync: bool = True) -> None:

@@ -1,0 +1,136 @@
+"""Timing the candidates of one measured-table key, on all ranks together.
+
+For a :class:`tdcompile.measured.Key` every candidate implementation of the op runs on the
+same random inputs; it must produce what ``unfused`` produces (within the dtype's rounding)
+and must really have run (``ops.cuda.RAN``: a family that silently fell back to unfused is
+not credited), on every rank, or it is recorded as ``inf``. Survivors are timed under CUDA
+graphs: ``REPEAT`` back-to-back calls captured in one graph, replays timed with CUDA events,
+median per call. ``measured.agreed_times`` then takes the max over ranks.
+
+Bounded: one key costs a few hundred ms plus any first-time Triton compile; every wait
+inside a fused kernel is itself bounded (``TDCOMPILE_SPIN_TIMEOUT_S``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+
+import torch
+
+from tdcompile import measured
+from tdcompile.config import family
+
+log = logging.getLogger("tdcompile")
+REPEAT = 8
+"""Calls captured per CUDA graph."""
+REPLAYS = 15
+"""Timed graph replays (after 3 untimed ones)."""
+
+CANDIDATES = {
+    "all_reduce": ["unfused", "fused:one_shot", "fused:two_shot", "symm_mem:one_shot", "symm_mem:two_shot"],
+    "gemm_all_reduce": ["unfused", "fused", "symm_mem:one_shot", "symm_mem:two_shot"],
+    "all_gather_gemm": ["unfused", "fused", "symm_mem"],
+    "gemm_reduce_scatter": ["unfused", "fused", "symm_mem"],
+}
+"""Candidate impls per op: a static list, the same on every rank (the order of the agreed vector)."""
+
+
+def candidates(op: str) -> list:
+    return list(CANDIDATES.get(op, ["unfused"]))
+
+
+def _inputs(key: measured.Key, rank: int) -> tuple:
+    """Random inputs of ``key``'s op, shaped as the pass emits them (``b`` a transposed weight)."""
+    dt, dev = getattr(torch, key.dtype), torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator(device=dev).manual_seed(1234 + rank)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g, device=dev, dtype=torch.float32) / math.sqrt(shape[-1])).to(dt)
+
+    m = key.m
+    if key.op == "all_reduce":
+        return (rnd(m, key.n),)                                                      # x [M, N]
+    b = rnd(key.n, key.k).t()                                                        # [K, N] (weight^T)
+    if key.op == "all_gather_gemm":
+        return (rnd(max(1, m // key.world), key.k), [b], key.world)                  # a_shard [M/w, K]
+    return (rnd(m, key.k), b, None)                                                  # a [M, K]
+
+
+def _call(key: measured.Key, impl: str, args: tuple, group_name: str):
+    td = torch.ops.tdist
+    if key.op == "all_reduce":
+        return td.all_reduce(args[0], group_name, impl)
+    if key.op == "gemm_all_reduce":
+        return td.gemm_all_reduce(args[0], args[1], args[2], group_name, impl)
+    if key.op == "gemm_reduce_scatter":
+        return td.gemm_reduce_scatter(args[0], args[1], args[2], key.world, group_name, impl)
+    return td.all_gather_gemm(args[0], args[1], args[2], group_name, False, impl)[1][0]
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    if out.shape != ref.shape or not torch.isfinite(out).all():
+        return False
+    tol = 1e-4 if out.dtype == torch.float32 else 2e-2
+    err = (out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)
+    return bool(err <= tol)
+
+
+def graph_us(fn, repeat: int = REPEAT, replays: int = REPLAYS) -> float:
+    """Median microseconds per call of ``fn`` captured ``repeat`` times in one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()                                         # warm on the capture stream
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(repeat):
+            fn()
+    for _ in range(3):
+        g.replay()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / repeat)
+    del g
+    return statistics.median(times)
+
+
+def measure_key(key: measured.Key, group_name: str) -> dict:
+    """``{impl: us}`` on this rank (inf: failed, wrong or fell back); a collective."""
+    import torch.distributed as dist
+    from tdcompile.ops import cuda as opc
+
+    t0 = time.perf_counter()
+    rank = dist.get_rank(measured._group(group_name))
+    args = _inputs(key, rank)
+    ref = _call(key, "unfused", args, group_name)
+    times = {}
+    for c in candidates(key.op):
+        ok, why = True, ""
+        try:
+            before = opc.RAN[(key.op, family(c))]
+            out = _call(key, c, args, group_name)
+            out = _call(key, c, args, group_name)
+            torch.cuda.synchronize()
+            opc.check_errors(sync=False)
+            if opc.RAN[(key.op, family(c))] < before + 2:
+                ok, why = False, "fell back to unfused"
+            elif not _close(out, ref):
+                ok, why = False, "result differs from unfused"
+        except Exception as e:  # noqa: BLE001  (a candidate that cannot run is not chosen)
+            ok, why = False, f"{type(e).__name__}: {str(e)[:200]}"
+        if not measured.all_agree(ok, group_name):
+            times[c] = math.inf
+            log.info("tdist: %s: candidate %s not timed (%s)", key.id(), c, why or "failed on another rank")
+            continue
+        times[c] = graph_us(lambda: _call(key, c, args, group_name))
+    log.info("tdist: measured %s in %.1f s: %s", key.id(), time.perf_counter() - t0,
+             {c: round(t, 1) for c, t in times.items()})
+    return times

@@ -1,0 +1,233 @@
+"""The measured table: what ``strategy="auto"`` decides from on a GPU.
+
+One entry per (op, N, K, dtype, world size, M bucket): the median microseconds of every
+candidate implementation (``config.FAMILIES``, with variants), timed on all ranks together
+under CUDA graphs, max over ranks (``tdcompile/measure.py``). A candidate that failed its
+correctness check or could not run is recorded as ``inf``.
+
+Where tables live (first hit wins; every file is keyed by GPU name, world size and the
+torch / triton / tdcompile versions, so a table is never used on another software stack)::
+
+    in-process     every entry measured or agreed in this process
+    user cache     $TDCOMPILE_CACHE_DIR (default ~/.cache/tdcompile)/<env>.json
+                   written by ``tdcompile calibrate`` and by first-call measurements (rank 0)
+    shipped        tdcompile/profiles/measured/<env>.json (the measured H100 / H200 tables)
+
+Decisions are agreed: at run time every rank max-reduces the candidate times of a key over
+the group before choosing (``agreed_times``), so all ranks pick the same implementation
+even if their cache files differ. Dynamic M uses the same table through ``bucket(M)``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("tdcompile")
+TIE = 0.02
+"""A candidate must beat ``unfused`` by more than this fraction to be chosen."""
+_SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "profiles", "measured")
+
+
+def bucket(m: int) -> int:
+    """The M bucket of ``m`` rows: the next power of two (1, 2, 4, ... ) -- M is measured there."""
+    return 1 << max(0, math.ceil(math.log2(max(1, int(m)))))
+
+
+@dataclass(frozen=True)
+class Key:
+    op: str
+    """A pattern / ``tdist`` op name, e.g. ``"gemm_all_reduce"``."""
+    n: int
+    """Output width (summed over the weights of an all_gather_gemm)."""
+    k: int
+    """Reduction dim of the GEMM (0 for all_reduce)."""
+    dtype: str
+    """``"bfloat16"``, ``"float16"``, ``"float32"``."""
+    world: int
+    """Ranks of the group."""
+    m: int
+    """M bucket (rows of the full, gathered / pre-scatter matrix)."""
+
+    @staticmethod
+    def of(op: str, *, m: int, n: int, k: int, dtype, world: int) -> "Key":
+        return Key(op, int(n), int(k), str(dtype).replace("torch.", ""), int(world), bucket(m))
+
+    def id(self) -> str:
+        return f"{self.op}|n={self.n}|k={self.k}|{self.dtype}|w={self.world}|m={self.m}"
+
+    @staticmethod
+    def parse(s: str) -> "Key":
+        op, n, k, dtype, w, m = s.split("|")
+        return Key(op, int(n[2:]), int(k[2:]), dtype, int(w[2:]), int(m[2:]))
+
+
+def choose(times: dict) -> tuple[str, str]:
+    """(impl, why) from ``{impl: us}``: the fastest, unless it beats unfused by <= ``TIE``."""
+    ok = {c: t for c, t in times.items() if t is not None and math.isfinite(t)}
+    if "unfused" not in ok:
+        return "unfused", "unfused was not measured: keeping it"
+    best = min(ok, key=ok.get)
+    if best == "unfused":
+        return "unfused", "unfused is fastest"
+    if ok[best] < ok["unfused"] * (1 - TIE):
+        return best, f"{best} {ok['unfused'] / ok[best]:.2f}x faster than unfused"
+    return "unfused", f"{best} within {TIE:.0%} of unfused: tie goes to unfused"
+
+
+# ------------------------------------------------------------------ environment + files
+def environment(world: int, device=None) -> dict:
+    """What a table is keyed by."""
+    import tdcompile
+    env = {"gpu": torch.cuda.get_device_name(device) if torch.cuda.is_available() else "cpu",
+           "world": int(world), "torch": torch.__version__.split("+")[0], "tdcompile": tdcompile.__version__}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = "none"
+    return env
+
+
+def env_slug(env: dict) -> str:
+    gpu = re.sub(r"[^a-z0-9]+", "-", env["gpu"].lower().replace("nvidia", "")).strip("-")
+    return f"{gpu}-w{env['world']}-torch{env['torch']}-triton{env['triton']}-tdc{env['tdcompile']}"
+
+
+def cache_dir() -> str:
+    return os.environ.get("TDCOMPILE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "tdcompile"))
+
+
+class Table:
+    """Entries of one environment: ``{Key.id(): {impl: us}}`` plus where each came from."""
+
+    def __init__(self, env: dict):
+        self.env = env
+        self.entries: dict[str, dict[str, float]] = {}
+        self.source: dict[str, str] = {}
+        for where, d in (("shipped", _SHIPPED_DIR), ("cached", cache_dir())):   # cache overrides shipped
+            self._load(os.path.join(d, env_slug(env) + ".json"), where)
+
+    def _load(self, path: str, where: str) -> None:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return
+        if {k: data.get("env", {}).get(k) for k in self.env} != self.env:
+            log.warning("tdist: ignoring measured table %s: made for %s, this is %s", path, data.get("env"), self.env)
+            return
+        for kid, times in data.get("entries", {}).items():
+            self.entries[kid] = {c: float(t) for c, t in times.items()}
+            self.source[kid] = where
+
+    def lookup(self, key: Key) -> Optional[tuple[dict, str]]:
+        kid = key.id()
+        return (self.entries[kid], self.source[kid]) if kid in self.entries else None
+
+    def record(self, key: Key, times: dict, source: str = "measured") -> None:
+        self.entries[key.id()] = dict(times)
+        self.source[key.id()] = source
+
+    def save(self, path: Optional[str] = None, meta: Optional[dict] = None) -> str:
+        """Merge this table's entries into the user cache file (or ``path``)."""
+        path = path or os.path.join(cache_dir(), env_slug(self.env) + ".json")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        old = {}
+        try:
+            with open(path) as f:
+                old = json.load(f).get("entries", {})
+        except (OSError, ValueError):
+            pass
+        entries = {**old, **self.entries}
+        data = {"env": self.env, **(meta or {}),
+                "entries": {k: {c: (round(t, 2) if math.isfinite(t) else "inf") for c, t in v.items()}
+                            for k, v in sorted(entries.items())}}
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+        return path
+
+
+_TABLES: dict[int, Table] = {}
+_LOCK = threading.Lock()
+
+
+def table(world: int) -> Table:
+    """The process-wide table of this GPU for groups of ``world`` ranks."""
+    with _LOCK:
+        if world not in _TABLES:
+            _TABLES[world] = Table(environment(world))
+        return _TABLES[world]
+
+
+def reset() -> None:
+    """Forget loaded tables (tests; after ``calibrate`` wrote a new cache file)."""
+    with _LOCK:
+        _TABLES.clear()
+        _AGREED.clear()
+
+
+# ------------------------------------------------------------------ agreement
+def _group(group_name: str):
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(group_name)
+
+
+def _comm_device(pg) -> torch.device:
+    import torch.distributed as dist
+    backend = dist.get_backend(pg)
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(backend) else torch.device("cpu")
+
+
+def all_agree(ok: bool, group_name: str) -> bool:
+    """True on every rank iff ``ok`` is true on every rank of the group (a collective)."""
+    import torch.distributed as dist
+    pg = _group(group_name)
+    t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_comm_device(pg))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=pg)
+    return bool(t.item())
+
+
+def max_over_ranks(times: dict, names: list, group_name: str) -> dict:
+    """``{name: max over ranks of times[name]}`` (missing = inf); a collective."""
+    import torch.distributed as dist
+    pg = _group(group_name)
+    t = torch.tensor([float(times.get(c, math.inf)) for c in names], dtype=torch.float64, device=_comm_device(pg))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=pg)
+    return dict(zip(names, t.tolist()))
+
+
+_AGREED: dict[tuple, tuple[str, dict, str]] = {}
+
+
+def agreed_times(key: Key, group_name: str, candidates: list, measure_fn) -> tuple[dict, str]:
+    """Candidate times of ``key`` every rank agrees on (collective on first use of a key):
+    the table's entry if every rank has one, else a fresh measurement ``measure_fn()``."""
+    ck = (key, group_name)
+    if ck in _AGREED:
+        return _AGREED[ck][1], _AGREED[ck][2]
+    tab = table(key.world)
+    hit = tab.lookup(key)
+    if all_agree(hit is not None and all(c in hit[0] for c in candidates), group_name):
+        times, source = max_over_ranks(hit[0], candidates, group_name), hit[1]
+    else:
+        times, source = max_over_ranks(measure_fn(), candidates, group_name), "measured"
+        tab.record(key, times, source)
+        import torch.distributed as dist
+        if dist.get_rank(_group(group_name)) == 0:
+            try:
+                path = tab.save()
+                log.info("tdist: measured %s -> %s (saved to %s)", key.id(), times, path)
+            except OSError as e:
+                log.warning("tdist: could not save the measured table: %s", e)
+    _AGREED[ck] = (choose(times)[0], times, source)
+    return times, source

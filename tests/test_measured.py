@@ -1,0 +1,139 @@
+"""The measured table and the rank agreement behind ``strategy="auto"`` (tdcompile/measured.py,
+ops/cuda.py ``ready``): keys and buckets, the tie rule, files keyed by the environment, and --
+on 2 gloo ranks -- that every rank reaches the same decision even when their caches differ or
+one rank cannot run a family."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tdcompile import measured
+from tdcompile.measured import Key, bucket, choose
+
+ENV = {"gpu": "NVIDIA H100 80GB HBM3", "world": 2, "torch": "2.11.0", "tdcompile": "0.1.0", "triton": "3.6.0"}
+
+
+def test_m_buckets_are_the_next_power_of_two():
+    assert [bucket(m) for m in (1, 2, 3, 100, 128, 129, 4096, 5000)] == [1, 2, 4, 128, 128, 256, 4096, 8192]
+
+
+def test_a_key_round_trips_through_its_id():
+    k = Key.of("gemm_all_reduce", m=100, n=5120, k=12800, dtype=torch.bfloat16, world=2)
+    assert k.id() == "gemm_all_reduce|n=5120|k=12800|bfloat16|w=2|m=128"
+    assert Key.parse(k.id()) == k
+
+
+@pytest.mark.parametrize("times,expected", [
+    ({"unfused": 20.0, "fused": 44.0}, "unfused"),
+    ({"unfused": 20.0, "fused": 19.8}, "unfused"),                          # within 2%: tie -> unfused
+    ({"unfused": 20.0, "fused": 15.0, "symm_mem:two_shot": 13.0}, "symm_mem:two_shot"),
+    ({"unfused": 20.0, "fused": math.inf}, "unfused"),                      # failed candidate
+    ({"fused": 5.0}, "unfused"),                                            # unfused unknown: never leave it
+])
+def test_the_fastest_candidate_wins_only_by_more_than_two_percent(times, expected):
+    assert choose(times)[0] == expected
+
+
+def test_a_saved_table_loads_back_only_for_the_same_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("TDCOMPILE_CACHE_DIR", str(tmp_path))
+    t = measured.Table(ENV)
+    key = Key.of("all_reduce", m=128, n=5120, k=0, dtype=torch.bfloat16, world=2)
+    t.record(key, {"unfused": 20.4, "fused": math.inf})
+    path = t.save()
+    assert os.path.basename(path) == "h100-80gb-hbm3-w2-torch2.11.0-triton3.6.0-tdc0.1.0.json"
+    again = measured.Table(ENV)
+    assert again.lookup(key) == ({"unfused": 20.4, "fused": math.inf}, "cached")
+    other = dict(ENV, torch="2.13.0")
+    with open(path) as f:                                  # a file made on another stack is ignored
+        data = json.load(f)
+    with open(os.path.join(tmp_path, measured.env_slug(other) + ".json"), "w") as f:
+        json.dump(data, f)
+    assert measured.Table(other).lookup(key) is None
+
+
+# ------------------------------------------------------------------ 2 gloo ranks
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, cache_root: str, q) -> None:
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      TDCOMPILE_CACHE_DIR=os.path.join(cache_root, f"rank{rank}"))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from tdcompile.ops import cuda as opc
+        g = dist.group.WORLD.group_name
+        res = {}
+        # 1. agreement: true only where every rank says true
+        res["agree_mixed"] = measured.all_agree(rank == 0, g)
+        res["agree_all"] = measured.all_agree(True, g)
+        # 2. per-rank caches disagree (rank 1 measured fused faster): both take the max -> same choice
+        key = Key.of("all_reduce", m=128, n=64, k=0, dtype=torch.float32, world=2)
+        tab = measured.table(2)
+        tab.record(key, {"unfused": 20.0, "fused": 10.0 if rank == 1 else 30.0}, "cached")
+        times, source = measured.agreed_times(key, g, ["unfused", "fused"], lambda: {})
+        res["times"], res["source"], res["choice"] = times, source, measured._AGREED[(key, g)][0]
+        # 3. a key only one rank has cached is measured by both (the measure_fn runs on every rank)
+        key2 = Key.of("all_reduce", m=256, n=64, k=0, dtype=torch.float32, world=2)
+        if rank == 0:
+            tab.record(key2, {"unfused": 1.0, "fused": 0.5}, "cached")
+        times2, source2 = measured.agreed_times(key2, g, ["unfused", "fused"],
+                                                lambda: {"unfused": 5.0 + rank, "fused": 9.0})
+        res["times2"], res["source2"] = times2, source2
+        # 4. a family one rank cannot run runs on no rank (no rank waits on a peer that fell back)
+        res["ready_fault"] = opc.ready("all_reduce", "fused", g, ("sig",), lambda: None if rank == 0 else "no P2P")
+        res["ready_ok"] = opc.ready("all_reduce", "symm_mem", g, ("sig",), lambda: None)
+        os.environ["TDCOMPILE_FAULT_INJECT"] = "symm_mem:1"
+        res["ready_injected"] = opc.ready("all_reduce", "symm_mem", g, ("sig2",), lambda: None)
+        q.put((rank, res))
+    except Exception as e:  # noqa: BLE001
+        q.put((rank, repr(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    ctx = mp.get_context("spawn")
+    q, port, root = ctx.Queue(), _port(), str(tmp_path_factory.mktemp("cache"))
+    procs = [ctx.Process(target=_worker, args=(r, port, root, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    out = dict(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    for r, v in out.items():
+        assert isinstance(v, dict), f"rank {r}: {v}"
+    return out
+
+
+def test_ranks_agree_only_when_all_are_willing(two_rank_results):
+    for r in (0, 1):
+        assert two_rank_results[r]["agree_mixed"] is False and two_rank_results[r]["agree_all"] is True
+
+
+def test_differing_caches_give_every_rank_the_same_max_times_and_choice(two_rank_results):
+    r0, r1 = two_rank_results[0], two_rank_results[1]
+    assert r0["times"] == r1["times"] == {"unfused": 20.0, "fused": 30.0}
+    assert r0["choice"] == r1["choice"] == "unfused"
+
+
+def test_a_key_cached_on_one_rank_only_is_measured_on_all(two_rank_results):
+    r0, r1 = two_rank_results[0], two_rank_results[1]
+    assert r0["source2"] == r1["source2"] == "measured"
+    assert r0["times2"] == r1["times2"] == {"unfused": 6.0, "fused": 9.0}
+
+
+def test_a_family_that_fails_on_one_rank_is_disabled_on_every_rank(two_rank_results):
+    for r in (0, 1):
+        res = two_rank_results[r]
+        assert res["ready_fault"] is False and res["ready_ok"] is True and res["ready_injected"] is False
