@@ -47,7 +47,7 @@ def model_keys(config, world: int, ms: list, dtype, sp: bool = False) -> list:
     for m in ms:
         kw = dict(m=m, dtype=dtype, world=world)
         keys += [Key.of("gemm_all_reduce", n=H, k=q // world, **kw), Key.of("gemm_all_reduce", n=H, k=inter // world, **kw),
-                 Key.of("all_reduce", n=H, k=0, **kw)]
+                 Key.of("all_reduce", n=H, k=0, **kw), Key.of("all_reduce_rmsnorm", n=H, k=0, **kw)]
         if sp and m % world == 0:
             keys += [Key.of("all_gather_gemm", n=(q + 2 * kv) // world, k=H, **kw),
                      Key.of("all_gather_gemm", n=2 * inter // world, k=H, **kw),

@@ -30,7 +30,9 @@ REPLAYS = 15
 
 CANDIDATES = {
     "all_reduce": ["unfused", "fused:one_shot", "fused:two_shot", "symm_mem:one_shot", "symm_mem:two_shot"],
-    "gemm_all_reduce": ["unfused", "fused", "symm_mem:one_shot", "symm_mem:two_shot"],
+    "gemm_all_reduce": ["unfused", "fused", "fused:one_shot", "fused:two_shot", "symm_mem:one_shot",
+                        "symm_mem:two_shot"],
+    "all_reduce_rmsnorm": ["unfused", "fused:one_shot", "fused:two_shot"],
     "all_gather_gemm": ["unfused", "fused", "symm_mem"],
     "gemm_reduce_scatter": ["unfused", "fused", "symm_mem"],
 }
@@ -52,6 +54,8 @@ def _inputs(key: measured.Key, rank: int) -> tuple:
     m = key.m
     if key.op == "all_reduce":
         return (rnd(m, key.n),)                                                      # x [M, N]
+    if key.op == "all_reduce_rmsnorm":
+        return (rnd(m, key.n), rnd(m, key.n), (1 + rnd(key.n)).to(dt), 1e-6)        # x, residual, weight, eps
     b = rnd(key.n, key.k).t()                                                        # [K, N] (weight^T)
     if key.op == "all_gather_gemm":
         return (rnd(max(1, m // key.world), key.k), [b], key.world)                  # a_shard [M/w, K]
@@ -62,6 +66,9 @@ def _call(key: measured.Key, impl: str, args: tuple, group_name: str):
     td = torch.ops.tdist
     if key.op == "all_reduce":
         return td.all_reduce(args[0], group_name, impl)
+    if key.op == "all_reduce_rmsnorm":
+        normed, resid = td.all_reduce_rmsnorm(*args, group_name, impl)
+        return torch.cat([normed.flatten(), resid.flatten()])
     if key.op == "gemm_all_reduce":
         return td.gemm_all_reduce(args[0], args[1], args[2], group_name, impl)
     if key.op == "gemm_reduce_scatter":

@@ -163,12 +163,27 @@ def _gemm_all_reduce_cuda(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch
     impl = resolve("gemm_all_reduce", impl, group_name, m=a.shape[0], n=b.shape[1], k=a.shape[1], dtype=a.dtype)
 
     def fused(ws):
-        from tdcompile.kernels.gemm_all_reduce import gemm_all_reduce
-        return gemm_all_reduce(ws, a, b, bias)
+        if variant(impl) is None:     # the Triton GEMM + tile-wise all-reduce kernel
+            from tdcompile.kernels.gemm_all_reduce import gemm_all_reduce
+            return gemm_all_reduce(ws, a, b, bias)
+        # zero copy: cuBLAS writes the GEMM output straight into this rank's symmetric
+        # buffer, which the all-reduce kernel then reads in place (no copy-in pass)
+        from tdcompile.kernels.all_reduce import all_reduce, symm_input
+        buf = symm_input(ws, (a.shape[0], b.shape[1]), a.dtype)           # [M, N] symmetric
+        torch.mm(a, b, out=buf) if bias is None else torch.addmm(bias, a, b, out=buf)
+        return all_reduce(ws, buf, variant=variant(impl))
 
     def check_fused():
-        from tdcompile.kernels.gemm_all_reduce import unsupported_reason
-        return unsupported_reason(_workspace(group_name), a, b, bias)
+        ws = _workspace(group_name)
+        if variant(impl) is None:
+            from tdcompile.kernels.gemm_all_reduce import unsupported_reason
+            return unsupported_reason(ws, a, b, bias)
+        from tdcompile.kernels.all_reduce import symm_input, unsupported_reason
+        probe = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+        reason = unsupported_reason(ws, probe)
+        if reason is None:
+            symm_input(ws, probe.shape, a.dtype)           # allocate the regions now (collective)
+        return reason
 
     shape = (a.shape[0], b.shape[1])
     return _run("gemm_all_reduce", impl, group_name, _sig(a, b, bias), fused,
@@ -220,6 +235,26 @@ def _gemm_reduce_scatter_cuda(a: torch.Tensor, b: torch.Tensor, bias: Optional[t
                 lambda: sm.gemm_reduce_scatter(a, b, group_name),
                 lambda: ref.gemm_reduce_scatter(a, b, bias, world_size, group_name),
                 check_fused, lambda: sm.prepare_gemm_reduce_scatter(a, bias, world_size, group_name))
+
+
+@torch.library.register_kernel("tdist::all_reduce_rmsnorm", "cuda")
+def _all_reduce_rmsnorm_cuda(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                             group_name: str, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[-1]
+    impl = resolve("all_reduce_rmsnorm", impl, group_name, m=x.numel() // max(n, 1), n=n, k=0, dtype=x.dtype)
+
+    def fused(ws):
+        from tdcompile.kernels.all_reduce_rmsnorm import all_reduce_rmsnorm
+        return all_reduce_rmsnorm(ws, x, residual, weight, eps, variant=variant(impl) or "auto")
+
+    def check_fused():
+        from tdcompile.kernels.all_reduce_rmsnorm import unsupported_reason
+        return unsupported_reason(_workspace(group_name), x, residual, weight)
+
+    return _run("all_reduce_rmsnorm", impl, group_name, _sig(x, residual, weight), fused,
+                lambda: ref.all_reduce_rmsnorm(x, residual, weight, eps, group_name),
+                lambda: ref.all_reduce_rmsnorm(x, residual, weight, eps, group_name),
+                check_fused, lambda: "no symm_mem implementation of all_reduce_rmsnorm")
 
 
 def check_errors(group_name: str | None = None, sync: bool = True) -> None:

@@ -73,19 +73,20 @@ def test_all_reduce(W, dtype):
             assert torch.equal(outs[r], outs[0]), "ranks disagree"
 
 
+@pytest.mark.parametrize("variant", ["one_shot", "two_shot"])
 @pytest.mark.parametrize("W", [2, 4])
-def test_all_reduce_two_shot(W):
+def test_all_reduce_each_variant_on_large_and_odd_sizes(W, variant):
     from tdcompile.kernels import all_reduce as arm
     sim = world(W)
     for (m, n) in [(1024, 5120), (333, 5120), (4096, 1000)]:
         xs = [rank_input((m, n), r, torch.bfloat16) for r in range(W)]
-        one, _, _ = arm.config(sim.ws[0], xs[0].numel() * 2, xs[0].numel(), 132)
         ref = sum(x.float() for x in xs)
         outs = [poison(torch.empty_like(xs[0])) for _ in range(W)]
-        sim.run(lambda ws, x, o: arm.all_reduce(ws, x, out=o), [(xs[r], outs[r]) for r in range(W)])
+        sim.run(lambda ws, x, o: arm.all_reduce(ws, x, out=o, variant=variant), [(xs[r], outs[r]) for r in range(W)])
         sim.check()
         for r in range(W):
-            assert rel_err(outs[r], ref) <= TOL, (m, n, r, one)
+            assert rel_err(outs[r], ref) <= TOL, (m, n, r, variant)
+        assert all(torch.equal(outs[0], o) for o in outs[1:]), "every rank must hold the same bits"
 
 
 # ------------------------------------------------------------------------------ gemm_all_reduce

@@ -1,6 +1,13 @@
-"""Real multi-process tests (>= 2 GPUs; skipped otherwise): the fused CUDA ops against the
-unfused NCCL + cuBLAS path, 1000 back-to-back calls, 1000 CUDA-graph replays, and a peer
-that never arrives -> RuntimeError naming op and rank.  NOT yet run (no multi-GPU machine)."""
+"""Real multi-process tests (>= 2 GPUs; skipped otherwise).
+
+* Every implementation family of every op (``fused`` and its variants, ``symm_mem``) matches
+  ``unfused`` (NCCL + cuBLAS) on random shapes -- and ``ops.cuda.RAN`` proves that the family
+  really ran (an op that silently fell back to NCCL would fail here); 1000 back-to-back calls
+  and 1000 CUDA-graph replays give the same bits; a peer that never arrives raises a
+  RuntimeError naming op and rank.
+* A fault injected on one rank (its workspace cannot be created) makes EVERY rank run unfused
+  -- no rank waits on a peer that fell back -- and the results stay right.
+"""
 import os
 import socket
 
@@ -9,6 +16,12 @@ import torch
 
 pytestmark = pytest.mark.multigpu
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+IMPLS = {
+    "all_reduce": ["fused:one_shot", "fused:two_shot", "symm_mem:one_shot", "symm_mem:two_shot"],
+    "gemm_all_reduce": ["fused", "fused:one_shot", "fused:two_shot", "symm_mem:one_shot", "symm_mem:two_shot"],
+    "gemm_reduce_scatter": ["fused", "symm_mem"],
+    "all_gather_gemm": ["fused", "symm_mem"],
+}
 
 
 def _port():
@@ -17,56 +30,78 @@ def _port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, q):
-    os.environ.update(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TDCOMPILE_SPIN_TIMEOUT_S="2",
+def _call(op, impl, x, a, b, sh, g, W):
+    td = torch.ops.tdist
+    if op == "all_reduce":
+        return td.all_reduce(x, g, impl)
+    if op == "gemm_all_reduce":
+        return td.gemm_all_reduce(a, b, None, g, impl)
+    if op == "gemm_reduce_scatter":
+        return td.gemm_reduce_scatter(a, b, None, W, g, impl)
+    return td.all_gather_gemm(sh, [b], W, g, True, impl)[1][0]
+
+
+def _worker(rank, world, port, q, fault):
+    os.environ.update(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TDCOMPILE_SPIN_TIMEOUT_S="5",
                       TDCOMPILE_MAX_M="4096", NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME="lo")
+    if fault:
+        os.environ["TDCOMPILE_FAULT_INJECT"] = "fused:1"
+    import random
     import torch.distributed as dist
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
     try:
         import tdcompile.ops  # noqa: F401
         import tdcompile.ops.cuda as opc
-        td, g, W = torch.ops.tdist, dist.group.WORLD.group_name, world
-        dt = torch.bfloat16
+        from tdcompile.config import family
+        g, W, dt = dist.group.WORLD.group_name, world, torch.bfloat16
         torch.manual_seed(1234 + rank)
 
-        def rel(a, b):
-            return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6)).item()
+        def rel(o, r):
+            return ((o.float() - r.float()).norm() / r.float().norm().clamp_min(1e-6)).item()
 
-        def calls(x, a, b, sh, impl):
-            return [td.all_reduce(x, g, impl), td.gemm_all_reduce(a, b, None, g, impl),
-                    td.gemm_reduce_scatter(a, b, None, W, g, impl), td.all_gather_gemm(sh, [b], W, g, True, impl)[1][0]]
-        import random
+        def inputs(M, N, K):
+            return (torch.randn(M, N, device="cuda", dtype=dt) * (rank + 1),
+                    torch.randn(M, K, device="cuda", dtype=dt) * (rank + 1),
+                    (torch.randn(N, K, device="cuda", dtype=dt) * 0.05).t(),
+                    torch.randn(max(1, M // W), K, device="cuda", dtype=dt) * (rank + 1))
+
         rnd = random.Random(7)
-        for case in range(50):
-            M = rnd.choice([2, 64, 100, 128, 254, 512, 1000]) // W * W
+        for case in range(12 if not fault else 3):
+            M = max(W, rnd.choice([2, 64, 100, 128, 254, 512, 1000]) // W * W)
             N, K = rnd.choice([64, 256, 512, 5120]), rnd.choice([128, 256, 1024])
-            x = torch.randn(M, N, device="cuda", dtype=dt) * (rank + 1)
-            a = torch.randn(M, K, device="cuda", dtype=dt) * (rank + 1)
-            b = (torch.randn(N, K, device="cuda", dtype=dt) * 0.05).t()
-            sh = torch.randn(max(1, M // W), K, device="cuda", dtype=dt) * (rank + 1)
-            got, ref = calls(x, a, b, sh, "fused"), calls(x, a, b, sh, "unfused")
-            opc.check_errors()
-            for i, (o, r) in enumerate(zip(got, ref)):
-                assert rel(o, r) <= 1e-2, (case, i, M, N, K, rel(o, r))
-        first = [o.clone() for o in calls(x, a, b, sh, "fused")]
-        for _ in range(1000):
-            outs = calls(x, a, b, sh, "fused")
+            x, a, b, sh = inputs(M, N, K)
+            for op, impls in IMPLS.items():
+                ref = _call(op, "unfused", x, a, b, sh, g, W)
+                for impl in impls:
+                    before = dict(opc.RAN)
+                    got = _call(op, impl, x, a, b, sh, g, W)
+                    opc.check_errors()
+                    ran = {f for (o, f), n in opc.RAN.items() if o == op and n > before.get((o, f), 0)}
+                    expect = "unfused" if (fault and family(impl) == "fused") else family(impl)
+                    assert ran == {expect}, (case, op, impl, ran)
+                    assert rel(got, ref) <= 1e-2, (case, op, impl, M, N, K, rel(got, ref))
+        if fault:
+            q.put((rank, "ok"))
+            return
+        # back-to-back calls and graph replays give the same bits
+        picks = [(op, impl) for op, impls in IMPLS.items() for impl in impls]
+        first = [_call(op, impl, x, a, b, sh, g, W).clone() for op, impl in picks]
+        for _ in range(200):
+            outs = [_call(op, impl, x, a, b, sh, g, W) for op, impl in picks]
         opc.check_errors()
         assert all(torch.equal(o, f) for o, f in zip(outs, first))
-        gr = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
+        gr, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s), torch.cuda.graph(gr, stream=s):
-            gouts = calls(x, a, b, sh, "fused")
-        for _ in range(1000):
+            gouts = [_call(op, impl, x, a, b, sh, g, W) for op, impl in picks]
+        for _ in range(200):
             gr.replay()
         opc.check_errors()
         assert all(torch.equal(o, f) for o, f in zip(gouts, first))
         dist.barrier()
-        # a peer that never arrives: only rank 0 calls
-        if rank == 0:
-            td.all_reduce(x, g, "fused")
+        if rank == 0:   # a peer that never arrives: only rank 0 calls
+            torch.ops.tdist.all_reduce(x, g, "fused:one_shot")
             try:
                 opc.check_errors()
                 q.put((rank, "no error raised"))
@@ -74,21 +109,35 @@ def _worker(rank, world, port, q):
                 q.put((rank, "ok" if ("all_reduce" in str(e) and "rank 0" in str(e)) else f"bad message: {e}"))
         else:
             q.put((rank, "ok"))
-    except Exception as e:  # noqa: BLE001
-        q.put((rank, f"{type(e).__name__}: {e}"))
+    except BaseException as e:  # noqa: BLE001
+        import traceback
+        q.put((rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
         raise
 
 
-def test_fused_ops_two_processes():
+def _spawn(world, fault=False):
     import torch.multiprocessing as mp
-    world = 2
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, q)) for r in range(world)]
+    q, port = ctx.Queue(), _port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, q, fault)) for r in range(world)]
     for p in procs:
         p.start()
-    res = dict(q.get(timeout=600) for _ in range(world))
+    res = dict(q.get(timeout=400) for _ in range(world))
     for p in procs:
         p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+    return res
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_family_runs_and_matches_unfused(world):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    res = _spawn(world)
+    assert all(v == "ok" for v in res.values()), res
+
+
+def test_a_fault_on_one_rank_makes_every_rank_run_unfused():
+    res = _spawn(2, fault=True)
     assert all(v == "ok" for v in res.values()), res

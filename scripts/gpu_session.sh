@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The multi-GPU session script, staged so each stage fits one 10-minute device call (run from
+# the repo root through the device tool with carry=[".whl"]; results land in $OUT):
+#   STAGE=prep  bash scripts/gpu_session.sh   # GPU tests (kernels, real processes, fault injection),
+#                                             # all-reduce bench, measured table (calibrate --ship)
+#   STAGE=bench bash scripts/gpu_session.sh   # measured table (instant when shipped) + E2E bench:
+#                                             # eager, inductor, async-TP, bound, tdist in ONE run
+#   STAGE=all   bash scripts/gpu_session.sh   # both, shorter (for 4 GPUs in one call)
+set -uo pipefail
+OUT=${OUT:-/tmp/tdcompile_gpu}; mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo
+if ls .whl/nvshmem4py*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/nvshmem4py*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+NP=${NP:-$(python3 -c 'import torch; print(torch.cuda.device_count())')}
+LOG=$OUT/session-$STAGE.log
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } >>"$LOG" 2>&1
+CASES=${CASES:-"MLP M=128,MLP M=4096,attn prefill bsz=32,attn decode bsz=128,E2E prefill 32x128,E2E decode bsz=128"}
+step() { local t=$1; shift; echo "== $(date +%T) $*" | tee -a "$LOG"; timeout "$t" "$@" 2>&1 | tee -a "$LOG" | tail -${TAIL:-25}; }
+calibrate() {
+  TDCOMPILE_SPIN_TIMEOUT_S=5 step "${CAL_T:-240}" torchrun --nproc_per_node "$NP" -m tdcompile calibrate \
+    --model qwen3-32b --m "${MS:-128,4096}" --ship --report "$OUT/calibrate-tp$NP.json" --out "$OUT/profile-tp$NP.json"
+  cp tdcompile/profiles/measured/*w"$NP"*.json "$OUT/" 2>/dev/null
+}
+case ${STAGE:-prep} in
+  prep)
+    TDCOMPILE_SPIN_TIMEOUT_S=5 step "${TEST_T:-230}" python3 -m pytest -q -rs -x -p no:cacheprovider \
+      tests/gpu/test_all_reduce_kernels.py tests/gpu/test_multigpu.py
+    step 120 torchrun --nproc_per_node "$NP" benchmarks/bench_all_reduce.py --out "$OUT"
+    calibrate ;;
+  bench)
+    calibrate
+    step "${BENCH_T:-520}" torchrun --nproc_per_node "$NP" -m tdcompile.bench --model qwen3-32b --layers 8 \
+      --columns eager,inductor,async_tp,bound,tdist --cases "$CASES" --out "$OUT" ;;
+  all)
+    step 120 torchrun --nproc_per_node "$NP" benchmarks/bench_all_reduce.py --out "$OUT"
+    calibrate
+    step "${BENCH_T:-420}" torchrun --nproc_per_node "$NP" -m tdcompile.bench --model qwen3-32b --layers 8 \
+      --columns eager,inductor,async_tp,bound,tdist --cases "$CASES" --out "$OUT" ;;
+esac
