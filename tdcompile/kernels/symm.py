@@ -323,15 +323,31 @@ def get_workspace(group_name: str) -> Workspace:
     rank, world = dist.get_rank(pg), dist.get_world_size(pg)
     choice = os.environ.get("TDCOMPILE_SYMM_BACKEND", "auto")
     backend = None
+
+    def all_ok(ok: bool) -> bool:   # every rank takes the same backend (no rank left in a collective)
+        t = torch.tensor([int(ok)], dtype=torch.int32, device="cuda")
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=pg)
+        return bool(t.item())
+
     if choice in ("auto", "nvshmem"):
+        err = None
         try:
-            backend = _NvshmemBackend(pg, rank, world)
+            import nvshmem.core  # noqa: F401
         except Exception as e:  # noqa: BLE001
+            err = e
+        if all_ok(err is None):
+            try:
+                backend = _NvshmemBackend(pg, rank, world)
+            except Exception as e:  # noqa: BLE001
+                err = e
+            if not all_ok(backend is not None):
+                backend = None
+        if backend is None:
             if choice == "nvshmem":
-                raise
+                raise RuntimeError(f"nvshmem backend unavailable on some rank ({err})")
             if "nvshmem" not in _NOTICED:
                 _NOTICED.add("nvshmem")
-                log.info("tdcompile: nvshmem4py unavailable (%s: %s); using torch symmetric memory", type(e).__name__, e)
+                log.info("tdcompile: nvshmem4py unavailable on some rank (%s); using torch symmetric memory", err)
     if backend is None:
         backend = _TorchSymmBackend(pg, rank, world)
     ws = Workspace(rank, world, backend=backend, name=group_name)

@@ -69,21 +69,40 @@ def _fault(what: str) -> Optional[str]:
     return None
 
 
+def _importable(fam: str) -> Optional[str]:
+    """Local (no collective) reason ``fam`` cannot run on this rank, or None."""
+    try:
+        if fam == "fused":
+            import triton  # noqa: F401
+            from tdcompile.kernels import symm  # noqa: F401
+        elif fam == "symm_mem":
+            import torch.distributed._symmetric_memory  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def ready(op: str, impl: str, group_name: str, sig: tuple, prepare: Callable[[], Optional[str]]) -> bool:
     """Whether ``impl`` may run ``op`` for this signature, agreed by every rank of the group.
 
-    ``prepare()`` returns None when this rank can run it (doing any collective set-up:
-    workspace, symmetric buffers), or the reason it cannot. Decided once per signature."""
+    Decided once per signature, in two agreed phases so that no rank enters a collective
+    set-up its peers skip: (1) local checks (imports, injected faults) -- all ranks agree;
+    (2) ``prepare()``, run by every rank, may do collective set-up (workspace, symmetric
+    buffers) and returns None or the reason this rank cannot run it -- all ranks agree."""
     key = (op, impl, group_name, sig)
     if key not in _READY:
         if _capturing():
             _note(op, f"{impl}: first call inside CUDA-graph capture (ranks cannot agree there)")
             return False
-        try:
-            reason = _fault(family(impl)) or prepare()
-        except Exception as e:  # noqa: BLE001  (ImportError, P2P/rendezvous failures, ...)
-            reason = f"{type(e).__name__}: {e}"
-        agreed = measured.all_agree(reason is None, group_name)
+        reason = _fault(family(impl)) or _importable(family(impl))
+        if measured.all_agree(reason is None, group_name):
+            try:
+                reason = prepare()
+            except Exception as e:  # noqa: BLE001  (P2P / rendezvous / allocation failures)
+                reason = f"{type(e).__name__}: {e}"
+            agreed = measured.all_agree(reason is None, group_name)
+        else:
+            agreed = False
         if agreed:
             _READY[key] = None
         else:
