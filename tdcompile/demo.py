@@ -1,5 +1,13 @@
-"""``tdcompile demo`` / ``tdcompile inspect``: compile a TP Qwen3 with tdist and show what
-the compiler did (rewrite report) and how the compiled output compares with eager."""
+"""tdcompile demo and tdcompile inspect: compile a tensor-parallel Qwen3 with tdist.
+
+* demo    -- the quick tour: the rewrite report, then compiled vs eager (max difference to the
+             eager TP model and to a single-process model; timings on GPUs only).
+* inspect -- the rewrite report only (matches, module paths, shapes, candidates with their
+             microseconds and where those came from, the decision and why), with graph dumps
+             on request; no timing, no comparison. On a GPU, matches whose shapes the measured
+             table does not hold yet are measured by the first call (all ranks together), and
+             the report is produced again so that it shows the measured times.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,64 +17,127 @@ import torch
 import torch.distributed as dist
 
 import tdcompile
-from tdcompile.tp import PLANS, build_model, build_tp_model, tiny_qwen3_config
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nproc", type=int, default=2, help="ranks to spawn (ignored under torchrun)")
-    p.add_argument("--plan", choices=PLANS, default="hf", help="TP plan applied to the unmodified HF model")
-    p.add_argument("--strategy", default=None,
-                   help="tdist strategy (default: 'fused' on CPU so the rewrite is visible, 'auto' on GPU)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=16)
-    p.add_argument("--dtype", choices=DTYPES, default="fp32")
-    p.add_argument("--checkpoint", default=None, help="local HF checkpoint dir (default: tiny random Qwen3)")
-    p.add_argument("--profile", default=None,
-                   help="cost-model device profile (h100, h200 or a calibrate JSON); lets 'auto' show its choice on CPU")
-    p.add_argument("--dump-dir", default=None, help="write the graphs of each pipeline stage here")
-    p.add_argument("--show-graph", action="store_true", help="print the rewritten graph(s)")
+from tdcompile.generate import add_model_args, model_setup, positive_int
+from tdcompile.launch import say
+from tdcompile.models import build_sharded
+from tdcompile.tp import PLANS
 
 
-def _print0(*a) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*a, flush=True)
+def add_args(p: argparse.ArgumentParser, *, inspect: bool = False) -> None:
+    add_model_args(p, strategy_default=None, cuda_graphs=False)
+    p.add_argument("--plan", choices=PLANS, default="hf",
+                   help="tensor-parallel plan applied to the unmodified HF model: hf (transformers' tp_plan), "
+                        "torch (parallelize_module), torch_sp (with sequence parallel), none; default %(default)s")
+    p.add_argument("--batch", type=positive_int, default=2, help="sequences in the example input (default 2)")
+    p.add_argument("--seq", type=positive_int, default=16,
+                   help="tokens per sequence (default 16; torch_sp needs a multiple of the rank count)")
+    p.add_argument("--dump-dir", default=None, metavar="DIR",
+                   help="write the graph of every pipeline stage and the report to "
+                        "DIR/rank<r>/graph<g>/ (00.input.py ... 04.rewrite.after.py, 03.match.txt)")
+    p.add_argument("--show-graph", action="store_true", help="print each graph's code after the rewrite")
+    if inspect:
+        p.add_argument("--json", default=None, metavar="FILE", help="also write the report's rows to FILE (JSON)")
+
+
+def default_strategy(args, device: torch.device) -> str:
+    return args.strategy or ("auto" if device.type == "cuda" else "fused")
+
+
+def _options(args, device) -> dict:
+    return {"strategy": default_strategy(args, device), "dump_dir": args.dump_dir, "profile": args.profile}
+
+
+def _build(device, args, plan: str):
+    config, dtype, _ = model_setup(args, device)
+    t0 = time.perf_counter()
+    name = str(dtype).removeprefix("torch.")
+    say(f"building {config.num_hidden_layers}-layer Qwen3 (hidden {config.hidden_size}, {name}), plan={plan} ...")
+    model = build_sharded(config, plan, dtype=dtype, device=device, checkpoint=args.checkpoint, seed=args.seed,
+                          progress=False)
+    say(f"  built in {time.perf_counter() - t0:.1f} s")
+    return model
+
+
+def _input_ids(model, args, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(args.seed)
+    return torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=gen).to(device)  # [B, S]
+
+
+def _explain(model, ids, options):
+    t0 = time.perf_counter()
+    say(f"compiling with tdist (strategy={options['strategy']!r}): Dynamo -> AOT -> tdist pass -> Inductor ...")
+    report = tdcompile.explain(model, ids, use_cache=False, options=options, fullgraph=True)
+    say(f"  compiled and ran once in {time.perf_counter() - t0:.1f} s")
+    return report
+
+
+def _header(cmd: str, args, device, options) -> None:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    say(f"tdcompile {cmd}: plan={args.plan}, world={world}, device={device.type}, strategy={options['strategy']}, "
+        f"profile={options['profile'] or 'default'}, input {args.batch}x{args.seq}")
+
+
+def _print_report(report, args) -> None:
+    say("\n== rewrite report ==\n" + str(report))
+    if args.show_graph:
+        for i, (_, after) in enumerate(report.graphs):
+            say(f"\n== graph {i} after the rewrite ==\n{after}")
+    if args.dump_dir:
+        say(f"\ngraphs of every stage written under {args.dump_dir}/rank<r>/graph<g>/")
+
+
+def inspect(device: torch.device, args: argparse.Namespace) -> None:
+    """Print the rewrite report for the model/plan/strategy/profile of ``args``; no timing."""
+    options = _options(args, device)
+    _header("inspect", args, device, options)
+    model = _build(device, args, args.plan)
+    ids = _input_ids(model, args, device)
+    report = _explain(model, ids, options)
+    if device.type == "cuda" and _any_rank(any(d.choice == "auto" for d in report.matches)):
+        pending = sum(d.choice == "auto" for d in report.matches)
+        say(f"{pending} match(es) were not in the measured table: that first call measured them on all ranks; "
+            "explaining again to show the measured times ...")
+        report = _explain(model, ids, options)
+    _print_report(report, args)
+    if args.json and (not dist.is_initialized() or dist.get_rank() == 0):
+        with open(args.json, "w") as f:
+            f.write(report.to_json() + "\n")
+        say(f"report rows written to {args.json}")
 
 
 def demo(device: torch.device, args: argparse.Namespace) -> None:
-    strategy = args.strategy or ("auto" if device.type == "cuda" else "fused")
-    dtype = DTYPES[args.dtype]
-    cfg = None if args.checkpoint else tiny_qwen3_config()
-    model = build_tp_model(cfg, plan=args.plan, dtype=dtype, device=device, checkpoint=args.checkpoint)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
-    options = {"strategy": strategy, "dump_dir": args.dump_dir, "profile": args.profile}
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    _print0(f"tdist demo: Qwen3 {model.config.num_hidden_layers} layers hidden {model.config.hidden_size}, "
-            f"plan={args.plan}, world={world}, device={device.type}, strategy={strategy}, input {tuple(ids.shape)}")
-
+    """The quick tour: rewrite report, then compiled vs eager (and timings on GPUs)."""
+    options = _options(args, device)
+    _header("demo", args, device, options)
+    model = _build(device, args, args.plan)
+    ids = _input_ids(model, args, device)
     with torch.no_grad():
         eager = model(ids, use_cache=False).logits
-    report = tdcompile.explain(model, ids, use_cache=False, options=options, fullgraph=True)
-    compiled = report.output.logits
-    _print0("\n== rewrite report ==\n" + str(report))
-    if args.show_graph:
-        for i, (_, after) in enumerate(report.graphs):
-            _print0(f"\n== graph {i} after rewrite ==\n{after}")
+    report = _explain(model, ids, options)
+    _print_report(report, args)
 
-    diff = (compiled.float() - eager.float()).abs().max().item()
-    ref_model = build_model(cfg, dtype=dtype, device=device, checkpoint=args.checkpoint)
+    compiled = report.output.logits
+    ref_model = _build(device, args, "none")          # same seed -> the same weights, unsharded
     with torch.no_grad():
         single = ref_model(ids, use_cache=False).logits
-    diff_single = (compiled.float() - single.float()).abs().max().item()
-    _print0("\n== compiled vs eager ==")
-    _print0(f"max |tdist - eager TP|        = {diff:.3e}")
-    _print0(f"max |tdist - single process|  = {diff_single:.3e}")
+    say("\n== compiled vs eager ==")
+    if options["strategy"] == "bound":
+        say("strategy='bound' replaced every collective with a no-op: the output is NOT valid")
+    say(f"max |tdist - eager TP|        = {(compiled.float() - eager.float()).abs().max().item():.3e}")
+    say(f"max |tdist - single process|  = {(compiled.float() - single.float()).abs().max().item():.3e}")
     if device.type == "cuda":
         _time_vs_eager(model, ids, options)
     else:
-        _print0("(timings are shown on GPUs only: CPU timings say nothing about the fused kernels)")
+        say("(timings are shown on GPUs only: CPU timings say nothing about the fused kernels)")
+
+
+def _any_rank(flag: bool) -> bool:
+    """``flag`` of any rank (every rank gets the same answer, so they take the same branch)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _time_vs_eager(model, ids, options) -> None:
@@ -86,4 +157,4 @@ def _time_vs_eager(model, ids, options) -> None:
         compiled(ids, use_cache=False)
         te = med(lambda: model(ids, use_cache=False))
         tc = med(lambda: compiled(ids, use_cache=False))
-    _print0(f"eager {te:.3f} ms, tdist {tc:.3f} ms, speedup {te / tc:.2f}x (median of 20)")
+    say(f"eager {te:.3f} ms, tdist {tc:.3f} ms, speedup {te / tc:.2f}x (median of 20)")

@@ -184,11 +184,6 @@ class Engine:
     def position(self, batch: int) -> int:
         return int(self.cache(batch).layers[0].cumulative_length)
 
-    def release(self, batch: int) -> None:
-        self.graphs.pop(batch, None)
-        self.caches.pop(batch, None)
-        self._ready.discard(batch)
-
     # ---------------------------------------------------------------- steps
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:

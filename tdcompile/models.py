@@ -30,6 +30,11 @@ QWEN3_32B = dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64
                  rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
                  attention_bias=False)
 
+MODELS = ("tiny", "qwen3-32b")
+"""Model names of the command line (:func:`get_config`)."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Command-line dtype names. The one definition: import it from here."""
+
 
 def qwen3_32b_config(**overrides):
     """Qwen3-32B's architecture (``num_hidden_layers=`` to shorten it)."""
@@ -48,7 +53,7 @@ def get_config(name: str, layers: Optional[int] = None):
         return tp.tiny_qwen3_config(**over)
     if name in ("qwen3-32b", "qwen3_32b", "32b"):
         return qwen3_32b_config(**over)
-    raise ValueError(f"unknown model {name!r}: 'tiny' or 'qwen3-32b'")
+    raise ValueError(f"unknown model {name!r}: one of {MODELS}")
 
 
 def _local_box(p) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -172,9 +177,3 @@ def build_sharded(config=None, plan: str = "hf", *, dtype: torch.dtype = torch.b
         raise RuntimeError(f"tensors left on the meta device: {left}")
     return model.eval()
 
-
-def param_bytes(model) -> int:
-    """Bytes of this rank's parameters (local shards)."""
-    from torch.distributed.tensor import DTensor
-
-    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
