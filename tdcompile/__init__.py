@@ -3,7 +3,7 @@ into the GEMMs around it.
 
     import tdcompile                                   # optional: the entry point registers it too
     compiled = torch.compile(model, backend="tdist", options={"strategy": "auto"})
-    report = tdcompile.explain(model, input_ids)       # what matched, where, shapes, predicted us, why
+    report = tdcompile.explain(model, input_ids)       # what matched, where, shapes, candidate us, why
 """
 from tdcompile.backend import register as _register, tdist_backend
 from tdcompile.config import Options

@@ -13,8 +13,12 @@ from tdcompile.report import Report
 def explain(model, *args, options: Optional[dict] = None, fullgraph: bool = False, **kwargs) -> Report:
     """Compile ``model`` with ``backend="tdist"``, run it once on ``args``/``kwargs`` (every rank
     must call this: the forward runs collectives) and return the :class:`Report`: ``.matches``
-    (pattern, module, shape, choice, predicted_us, reason) and ``.graphs`` (code before/after).
-    The compiled output of that call is kept as ``report.output``."""
+    (pattern, module, shape, choice, candidate times and their source, reason), ``.graphs``
+    (code before/after), ``.graph_decisions`` (sequence parallel or not, per graph) and
+    ``.errors`` (graphs compiled unrewritten because the pass raised). Dynamo is reset first and
+    graph ids restart at 0, so the report covers exactly this compile. The compiled output of
+    that call is kept as ``report.output``. On a GPU, a match whose shape is not yet measured is
+    reported with choice ``"auto"``; the call measures it, and a second ``explain`` shows the times."""
     report = Report()
     torch._dynamo.reset()  # compile afresh so every graph goes through the pass
     backend._graph_ids = itertools.count()  # graph ids count per explain() call
