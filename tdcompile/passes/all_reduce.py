@@ -50,17 +50,22 @@ class AllReduceMatch(Match):
     wait: fx.Node
     pattern: str = field(init=False, default="all_reduce")
 
+    rows_cols: tuple = field(init=False)   # the input as a [rows, cols] matrix, fixed at match time
+
+    def __post_init__(self):
+        s = shape(self.inp)
+        rows = 1
+        for d in s[:-1]:
+            rows = rows * d
+        self.rows_cols = (concrete(rows), s[-1] if s else 1)
+
     @property
     def inp(self) -> fx.Node:
         """Read at use: an earlier rewrite may have replaced the node that produced it."""
         return self.ar.args[0]
 
     def mnk(self):
-        s = shape(self.inp)
-        rows = 1
-        for d in s[:-1]:
-            rows = rows * d
-        return concrete(rows), s[-1] if s else 1, 0
+        return (*self.rows_cols, 0)
 
     def replace_with(self, graph: fx.Graph, impl: str) -> None:
         with graph.inserting_before(self.wait):

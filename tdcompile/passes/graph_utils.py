@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -81,10 +81,16 @@ def wait_of(coll: fx.Node) -> fx.Node:
 class Gemm:
     """``mm(a, b)`` or ``addmm(bias, a, b)`` with default alpha/beta.
 
-    Only the node is stored: ``a``, ``b`` and ``bias`` are read from its arguments when used.
-    A match found before other matches are rewritten must see the graph as it is at its own
-    rewrite (an earlier rewrite may have replaced the node that produced ``a``)."""
+    ``a``, ``b`` and ``bias`` are read from the node's arguments when used: a match found
+    before other matches are rewritten must see the graph as it is at its own rewrite (an
+    earlier rewrite may have replaced the node that produced ``a``). ``mnk`` is fixed when the
+    GEMM is recognised, so reports can still show it after the node is gone."""
     node: fx.Node
+    mnk: tuple = field(init=False)
+
+    def __post_init__(self):
+        (m, k), (_, n) = shape(self.a), shape(self.b)
+        self.mnk = (m, n, k)
 
     @property
     def a(self) -> fx.Node:
@@ -97,11 +103,6 @@ class Gemm:
     @property
     def bias(self) -> Optional[fx.Node]:
         return self.node.args[0] if self.node.target is aten.addmm.default else None
-
-    @property
-    def mnk(self) -> tuple:
-        (m, k), (_, n) = shape(self.a), shape(self.b)
-        return m, n, k
 
 
 def as_gemm(n: Any) -> Optional[Gemm]:
