@@ -82,3 +82,28 @@ def gemm_reduce_scatter(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.T
 def _(a, b, bias, world_size, group_name, impl="auto"):
     torch._check(a.shape[0] % world_size == 0, lambda: "gemm_reduce_scatter: M must divide by world_size")
     return a.new_empty((a.shape[0] // world_size, b.shape[1]))
+
+
+# ------------------------------------------------------- all_reduce_rmsnorm
+@torch.library.custom_op("tdist::all_reduce_rmsnorm", mutates_args=())
+def all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group_name: str,
+                       impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``new_residual = residual + all_reduce(x)``; ``normed = RMSNorm(new_residual) * weight`` exactly
+    as HF's ``Qwen3RMSNorm`` computes it (fp32 variance, cast back before the weight). ``x`` and
+    ``residual`` have the same shape and dtype, ``weight`` is ``[hidden]`` (the last dim).
+    Returns ``(normed, new_residual)``."""
+    _check_impl(impl)
+    return ref.all_reduce_rmsnorm(x, residual, weight, eps, group_name)
+
+
+@all_reduce_rmsnorm.register_fake
+def _(x, residual, weight, eps, group_name, impl="auto"):
+    torch._check(x.shape == residual.shape, lambda: "all_reduce_rmsnorm: x and residual must have the same shape")
+    new_residual = torch.empty_like(residual, dtype=torch.promote_types(x.dtype, residual.dtype),
+                                    memory_format=torch.contiguous_format)
+    normed_shape = torch.broadcast_shapes(weight.shape, new_residual.shape)
+    normed = new_residual.new_empty(normed_shape, dtype=torch.promote_types(weight.dtype, new_residual.dtype))
+    return normed, new_residual
+
+
+OP_NAMES = (*OP_NAMES, "all_reduce_rmsnorm")  # appended with its op (this file is extended at its end)

@@ -46,3 +46,28 @@ def gemm_reduce_scatter(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.T
                         group_name: str) -> torch.Tensor:
     partial = _gemm(a, b, bias)  # [M, N], M divisible by world_size
     return _wait(_c10d.reduce_scatter_tensor(partial.contiguous(), "sum", world_size, group_name))
+
+
+def all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``all_reduce(x)`` -> ``+ residual`` -> RMSNorm, in exactly the operations and casts of HF's
+    ``Qwen3RMSNorm`` / ``LlamaRMSNorm`` after HF's decoder-layer ``hidden_states = residual +
+    hidden_states``. Returns ``(normed, new_residual)``.
+
+    * The residual add runs in the input dtype (bf16 stays bf16: the sum is rounded before the
+      norm upcasts it), like HF. It is written ``residual + reduced`` as in HF; IEEE-754 addition
+      is commutative (``a + b`` and ``b + a`` round identically), so operand order cannot change
+      a bit -- only the place of the rounding (in the input dtype, after the full reduction)
+      does, and that is kept.
+    * The variance is the fp32 mean of squares over the last dim; ``eps`` is added to the
+      variance inside the rsqrt; the fp32 result is cast back to the input dtype *before* the
+      multiplication by ``weight`` (so ``weight * h`` runs in the input dtype when the weight has
+      it).
+    """
+    reduced = all_reduce(x, group_name)
+    new_residual = residual + reduced
+    input_dtype = new_residual.dtype
+    h = new_residual.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    normed = weight * h.to(input_dtype)
+    return normed, new_residual
