@@ -51,7 +51,8 @@ def _build(device, args, plan: str):
     config, dtype, _ = model_setup(args, device)
     t0 = time.perf_counter()
     name = str(dtype).removeprefix("torch.")
-    say(f"building {config.num_hidden_layers}-layer Qwen3 (hidden {config.hidden_size}, {name}), plan={plan} ...")
+    what = f"plan={plan}" if plan != "none" else "unsharded, the single-process reference"
+    say(f"building {config.num_hidden_layers}-layer Qwen3 (hidden {config.hidden_size}, {name}), {what} ...")
     model = build_sharded(config, plan, dtype=dtype, device=device, checkpoint=args.checkpoint, seed=args.seed,
                           progress=False)
     say(f"  built in {time.perf_counter() - t0:.1f} s")
@@ -117,6 +118,7 @@ def demo(device: torch.device, args: argparse.Namespace) -> None:
     _print_report(report, args)
 
     compiled = report.output.logits
+    say("")
     ref_model = _build(device, args, "none")          # same seed -> the same weights, unsharded
     with torch.no_grad():
         single = ref_model(ids, use_cache=False).logits
