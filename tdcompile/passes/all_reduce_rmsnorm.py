@@ -70,13 +70,17 @@ class AllReduceRMSNormMatch(Match):
     eps: float
     source: str              # module of the all-reduce's producer (o_proj / down_proj)
     pattern: str = field(init=False, default="all_reduce_rmsnorm")
+    rows_hidden: tuple = field(init=False)   # the sum as [rows, hidden], fixed at match time (nodes go away)
 
-    def mnk(self):
+    def __post_init__(self):
         s = shape(self.add)
         rows = 1
         for d in s[:-1]:
             rows = rows * d
-        return concrete(rows), s[-1], 0
+        self.rows_hidden = (concrete(rows), s[-1])
+
+    def mnk(self):
+        return (*self.rows_hidden, 0)
 
     def describe(self) -> str:
         return f"after {self.source}, eps={self.eps:g}"
