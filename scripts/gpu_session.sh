@@ -23,14 +23,14 @@ CASES=${CASES:-"MLP M=128,MLP M=4096,attn prefill bsz=32,attn decode bsz=128,E2E
 step() { local t=$1; shift; echo "== $(date +%T) $*" | tee -a "$LOG"; timeout "$t" "$@" 2>&1 | tee -a "$LOG" | tail -${TAIL:-25}; }
 calibrate() {
   TDCOMPILE_SPIN_TIMEOUT_S=5 step "${CAL_T:-240}" torchrun --nproc_per_node "$NP" -m tdcompile calibrate \
-    --model qwen3-32b --m "${MS:-128,4096}" --ship --report "$OUT/calibrate-tp$NP.json" --out "$OUT/profile-tp$NP.json"
+    --model qwen3-32b --rows "${MS:-128,4096}" --ship --report "$OUT/calibrate-tp$NP.json" --out "$OUT/profile-tp$NP.json"
   cp tdcompile/profiles/measured/*w"$NP"*.json "$OUT/" 2>/dev/null
 }
 case ${STAGE:-prep} in
   prep)
-    TDCOMPILE_SPIN_TIMEOUT_S=5 step "${TEST_T:-230}" python3 -m pytest -q -rs -x -p no:cacheprovider \
+    TDCOMPILE_SPIN_TIMEOUT_S=5 step "${TEST_T:-230}" python3 -m pytest -q -rs -p no:cacheprovider \
       tests/gpu/test_all_reduce_kernels.py tests/gpu/test_multigpu.py
-    step 120 torchrun --nproc_per_node "$NP" benchmarks/bench_all_reduce.py --out "$OUT"
+    [[ -n ${SKIP_ARB:-} ]] || step 120 torchrun --nproc_per_node "$NP" benchmarks/bench_all_reduce.py --out "$OUT"
     calibrate ;;
   bench)
     calibrate
