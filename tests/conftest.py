@@ -15,6 +15,12 @@ import torch.distributed as dist
 FAKE_WORLD_SIZE = 2
 
 
+def pytest_report_header(config):
+    markexpr = config.getoption("markexpr") or "(none)"
+    return [f"tdcompile tiers: -m {markexpr!r}. Default (README): 'not slow and not fuzz', ~4 min on 2 cores; "
+            "CI then runs -m 'slow or fuzz' (end-to-end slow cases + the full graph fuzzer)."]
+
+
 @pytest.fixture(scope="session")
 def fake_pg():
     """The group name of a 2-rank fake process group (this process is rank 0)."""

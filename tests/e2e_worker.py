@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 
 import torch
@@ -133,10 +134,14 @@ CASES = {
 def run_all(device, out_path, names):
     results = {}
     for name in names:
+        t0 = time.monotonic()
         try:
             results[name] = CASES[name]()
         except Exception:
             results[name] = {"error": traceback.format_exc()}
+        results[name]["seconds"] = round(time.monotonic() - t0, 1)
+        if dist.get_rank() == 0:
+            print(f"[e2e] {name}: {results[name]['seconds']} s", flush=True)
         dist.barrier()
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:

@@ -730,6 +730,21 @@ def test_sequence_parallel_gives_a_gemm_to_one_fusion_only(fake_pg):
         c10d.all_gather_into_tensor.default
 
 
+def linear_regrouped_all_reduce(x, w, w2):
+    """The reshape between the GEMM and the all_reduce regroups rows: [6, 4] -> [3, 8]."""
+    h = all_reduce(torch.mm(x, w).reshape(3, 8)) + 1.0                       # 3 tokens: padded to 4
+    return torch.mm(h, w2)                                                   # [3, 4]
+
+
+def test_sequence_parallel_pads_the_all_reduce_input_when_reshapes_regroup_the_gemm_rows(fake_pg):
+    _, after, _, gm = rewrite(linear_regrouped_all_reduce, r(6, K), r(K, 4), r(8, 4), strategy="sequence_parallel")
+    (rs,) = gm.graph.find_nodes(op="call_function", target=c10d.reduce_scatter_tensor.default)
+    assert tuple(rs.args[0].meta["val"].shape) == (4, 8)                     # [3, 8] padded, not the GEMM's [7, 4]
+    (out,) = output_node(gm).all_input_nodes
+    assert tuple(out.meta["val"].shape) == (3, 4)
+    assert tdist_ops(after) == {"tdist.all_gather_gemm": 1}
+
+
 # ============================================================================ through torch.compile
 class RowParallelAttention(nn.Module):
     def __init__(self):
@@ -866,6 +881,7 @@ def _numerics_cases(rank):
         "gather_linear_linear_scatter_sp": (gather_linear_linear_scatter, (t(4, K), t(K, N), t(N, K)), sp),
         "all_reduce_pointwise_linear_all_reduce_sp": (all_reduce_pointwise_linear_all_reduce,
                                                       (rep(B * S, K), t(K, K)), sp),
+        "linear_regrouped_all_reduce_sp": (linear_regrouped_all_reduce, (t(6, K), t(K, 4), t(8, 4)), sp),
     }
 
 

@@ -197,10 +197,11 @@ class _Rewriter:
         with self.graph.inserting_before(wait):
             try:
                 gemm, _ = producer_gemm(x)
-                padded = self.t_pad != self.t
             except NoMatch:
-                gemm, padded = None, self.t_pad != self.t
-            if gemm is not None and padded:   # pad the GEMM input so mm -> reduce_scatter stays adjacent
+                gemm = None
+            if gemm is not None and shape(gemm.node) != (self.t, h):
+                gemm = None                   # the reshapes between GEMM and all_reduce regroup its rows
+            if gemm is not None and self.t_pad != self.t:   # pad the GEMM input: mm -> reduce_scatter stays adjacent
                 a = self.pad_rows(gemm.a, wait)
                 x2d = self._e(gemm.node.target, (gemm.bias, a, gemm.b) if gemm.bias is not None else (a, gemm.b),
                               gemm.node)
