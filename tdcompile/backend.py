@@ -7,8 +7,9 @@
            01 normalize    view/_unsafe_view -> reshape, fold HF's in-place copy
            02 sequence_parallel   all_reduce regions -> reduce_scatter ... all_gather
                            (strategy "sequence_parallel"; "auto" only off-GPU, when predicted faster)
-           03 match        find gemm_all_reduce / all_gather_gemm / gemm_reduce_scatter /
-                           all_reduce; each is decided (cost_model.decide): on a GPU from the
+           03 match        find all_reduce_rmsnorm (all_reduce -> + residual -> RMSNorm), then
+                           gemm_all_reduce / all_gather_gemm / gemm_reduce_scatter /
+                           all_reduce on what is left; each is decided (cost_model.decide): on a GPU from the
                            measured table (measured.py), a miss left to the op ("auto"), which
                            measures on its first call; off-GPU from the analytic model
            04 rewrite      replace the chosen ones with torch.ops.tdist.*
@@ -38,6 +39,7 @@ from tdcompile import measured
 from tdcompile.cost_model import Decision
 from tdcompile.passes import bound, sequence_parallel
 from tdcompile.passes.all_gather_gemm import find_all_gather_gemm_matches
+from tdcompile.passes.all_reduce_rmsnorm import find_all_reduce_rmsnorm_matches
 from tdcompile.passes.all_reduce import find_all_reduce_matches
 from tdcompile.passes.gemm_reduce_scatter import find_gemm_reduce_scatter_matches
 from tdcompile.passes.match import Decided
@@ -100,15 +102,17 @@ class TdistPass(CustomGraphPass):
             self._dump(graph, gid, "02.sequence_parallel.after")
 
         stage[0] = "03 match"
-        matches = (find_all_gather_gemm_matches(graph) + find_gemm_reduce_scatter_matches(graph)
-                   + find_all_reduce_matches(graph))
-        decided = []
-        for m in matches:
+        def decide(m) -> Decided:
             mm, n, k = m.mnk()
             table = measured.table(m.world_size) if on_gpu else None
-            decision = cost_model.decide(m.pattern, m=mm, n=n, k=k, world_size=m.world_size, dtype=m.dtype,
-                                         strategy=opts.strategy, profile=self.profile, table=table)
-            decided.append(Decided(m, decision, graph_id=gid))
+            return Decided(m, cost_model.decide(m.pattern, m=mm, n=n, k=k, world_size=m.world_size, dtype=m.dtype,
+                                                strategy=opts.strategy, profile=self.profile, table=table),
+                           graph_id=gid)
+
+        rms = [decide(m) for m in find_all_reduce_rmsnorm_matches(graph)]
+        others = [decide(m) for m in find_all_gather_gemm_matches(graph) + find_gemm_reduce_scatter_matches(graph)
+                  + find_all_reduce_matches(graph)]
+        decided = _one_claim_per_all_reduce(rms, others)
         report = Report(matches=decided, graph_decisions=[(gid, sp)])
         self._dump_text(gid, "03.match.txt", str(report))
 
@@ -156,6 +160,30 @@ class TdistPass(CustomGraphPass):
         if d:
             with open(os.path.join(d, name), "w") as f:
                 f.write(text + "\n")
+
+
+def _gain(d: Decided) -> float:
+    """Measured (or predicted) microseconds the decision saves over unfused; 0 when unknown."""
+    t = d.decision.candidates_us
+    return max(0.0, t["unfused"] - t[d.choice]) if "unfused" in t and d.choice in t else 0.0
+
+
+def _one_claim_per_all_reduce(rms: list, others: list) -> list:
+    """An all_reduce matched both as ``all_reduce_rmsnorm`` and as ``gemm_all_reduce`` /
+    ``all_reduce``, with both decided fused, goes to the one whose decision saves more (an
+    unmeasured ``"auto"`` or a forced strategy saves nothing known; ties go to the RMSNorm fusion,
+    which covers more of the graph); the other is kept
+    unfused in the report, with the reason."""
+    by_ar = {d.match.ar: d for d in others if getattr(d.match, "ar", None) is not None}
+    for d in rms:
+        o = by_ar.get(d.match.ar)
+        if o is None or d.choice == "unfused" or o.choice == "unfused":
+            continue
+        loser, winner = (d, o) if _gain(o) > _gain(d) else (o, d)
+        loser.decision = Decision("unfused", loser.decision.candidates_us,
+                                  f"its all_reduce goes to {winner.pattern} ({winner.choice}), which saves more",
+                                  loser.decision.source)
+    return rms + others
 
 
 def _table_digest() -> str:

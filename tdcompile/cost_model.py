@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-PATTERNS = ("gemm_all_reduce", "all_gather_gemm", "gemm_reduce_scatter", "all_reduce")
+PATTERNS = ("gemm_all_reduce", "all_gather_gemm", "gemm_reduce_scatter", "all_reduce", "all_reduce_rmsnorm")
 _PROFILE_DIR = os.path.join(os.path.dirname(__file__), "profiles")
 
 
@@ -133,6 +133,12 @@ def predict(pattern: str, *, m: int, n: int, k: int, world_size: int, elem: int,
     if pattern == "all_reduce":
         nbytes = m * n * elem
         return {"unfused": nccl_us(p, "all_reduce", nbytes, w), "fused": p2p_all_reduce_us(p, nbytes, w)}
+    if pattern == "all_reduce_rmsnorm":
+        # unfused: NCCL + one fused add+norm kernel (read x, residual; write both outputs);
+        # fused: the P2P all-reduce with the norm in its epilogue (writes both outputs)
+        nbytes = m * n * elem
+        return {"unfused": nccl_us(p, "all_reduce", nbytes, w) + p.launch_us + 4 * nbytes / (p.hbm_gbps * 1e3),
+                "fused": p2p_all_reduce_us(p, nbytes, w) + 2 * nbytes / (p.hbm_gbps * 1e3)}
     gemm = gemm_us(p, m, n, k, elem)
     fused_gemm = gemm_us(p, m, n, k, elem, p.fused_gemm_efficiency)
     if pattern == "gemm_all_reduce":

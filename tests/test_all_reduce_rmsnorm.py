@@ -650,8 +650,10 @@ def test_backend_rewrites_the_fusion_and_reports_it_as_its_own_pattern(fake_pg):
     assert sorted(d.module for d in fused) == sorted(["layers.0.post_attention_layernorm", "layers.1.input_layernorm",
                                                       "layers.1.post_attention_layernorm", "norm"])
     assert all(d.rewritten and d.shape == (B * S, H, 0) for d in fused)
-    # the all-reduces went into all_reduce_rmsnorm: no gemm_all_reduce / all_reduce left for them
-    assert not report.by_pattern("gemm_all_reduce") and not report.by_pattern("all_reduce")
+    # the all-reduces went into all_reduce_rmsnorm: the competing GEMM matches stay unfused, saying why
+    rivals = report.by_pattern("gemm_all_reduce") + report.by_pattern("all_reduce")
+    assert rivals and all(not d.rewritten and d.choice == "unfused" and "goes to all_reduce_rmsnorm" in d.reason
+                          for d in rivals)
     (_, after), = report.graphs
     assert after.count("torch.ops.tdist.all_reduce_rmsnorm.default(") == 4 and "_c10d_functional.all_reduce" not in after
     torch.testing.assert_close(report.output, eager, rtol=1e-5, atol=1e-5)   # fake group: the reduce is the identity

@@ -137,3 +137,21 @@ def test_a_family_that_fails_on_one_rank_is_disabled_on_every_rank(two_rank_resu
     for r in (0, 1):
         res = two_rank_results[r]
         assert res["ready_fault"] is False and res["ready_ok"] is True and res["ready_injected"] is False
+
+
+def test_an_all_reduce_claimed_twice_goes_to_the_decision_that_saves_more():
+    from types import SimpleNamespace as NS
+    from tdcompile.backend import _one_claim_per_all_reduce
+    from tdcompile.cost_model import Decision
+    from tdcompile.passes.match import Decided
+
+    def decided(pattern, ar, choice, times):
+        return Decided(NS(pattern=pattern, ar=ar), Decision(choice, times, "measured", "cached"))
+
+    gemm = decided("gemm_all_reduce", "ar0", "fused:one_shot", {"unfused": 70.6, "fused:one_shot": 54.7})
+    rms = decided("all_reduce_rmsnorm", "ar0", "fused:one_shot", {"unfused": 20.9, "fused:one_shot": 15.1})
+    lone = decided("all_reduce_rmsnorm", "ar1", "fused:one_shot", {"unfused": 20.9, "fused:one_shot": 15.1})
+    out = _one_claim_per_all_reduce([rms, lone], [gemm])
+    assert {id(d) for d in out} == {id(gemm), id(rms), id(lone)}
+    assert gemm.choice == "fused:one_shot" and lone.choice == "fused:one_shot"        # 15.9 us > 5.8 us saved
+    assert rms.choice == "unfused" and "goes to gemm_all_reduce" in rms.reason
