@@ -75,16 +75,16 @@ def rows_for(args, large: int) -> list[Row]:
     return rows + [Row("infer", f"inference 128x{c} + {n} steps", 128, c, lm_head=True, steps=n, max_seq=c + n)]
 
 
-def large_batch(args, config, device, world: int) -> int:
-    """Largest decode batch (<= 4096) whose KV cache (ctx + 1) and activations fit next to the
-    model already on the device; the same on every rank."""
+def large_batch(args, config, device, world: int, copies: int = 1) -> int:
+    """Largest decode batch (<= 4096) whose KV cache (ctx + 1) and activations, ``copies`` times
+    (one per interleaved column), fit next to the model already on the device; the same on every rank."""
     if args.large_batch or device.type != "cuda":
         return args.large_batch or 8
     free, _ = torch.cuda.mem_get_info(device)
     kv = 2 * config.num_hidden_layers * (args.ctx + 1) * max(1, config.num_key_value_heads // world) \
         * config.head_dim * 2                                                   # bytes per sequence
     act = 2 * (4 * config.hidden_size + 3 * config.intermediate_size // world + 2 * config.vocab_size)
-    best = next((b for b in (4096, 2048, 1024, 512, 256) if b * (kv + act) < 0.7 * free), 128)
+    best = next((b for b in (4096, 2048, 1024, 512, 256) if copies * b * (kv + act) < 0.7 * free), 128)
     t = torch.tensor([best], device=device)
     if world > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
@@ -93,35 +93,58 @@ def large_batch(args, config, device, world: int) -> int:
 
 # ------------------------------------------------------------------ timing
 WARMUP_MS = 300.0
+ROUNDS = 5
+"""Interleaved rounds: the columns of a row take turns, so drift (clocks, heat) hits all alike."""
 
 
-def measure(fn, timer: Timer, iters: int, graph: bool, rewind=None) -> float:
-    """Median ms of ``fn()`` (graph replay on CUDA when ``graph``); ``rewind`` runs untimed before
-    each. Warm-up: at least 3 calls and ``WARMUP_MS`` of them (clocks, allocator, cuBLAS heuristics),
-    so no row is measured cold."""
-    rewind = rewind or (lambda: None)
-    if graph:
-        g = Graphed(fn, reset=rewind)
-        fn = g.run
-    rewind()
-    fn()                                           # compile / capture
-    rewind()
-    a = timer.mark()
-    fn()
-    one = max(timer.ms(a, timer.mark()), 1e-3)
-    calls = torch.tensor([min(200, max(3, int(WARMUP_MS / one)))], device="cuda" if timer.cuda else "cpu")
+def _agreed_int(n: int, timer: Timer) -> int:
+    t = torch.tensor([n], device="cuda" if timer.cuda else "cpu")
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(calls, op=dist.ReduceOp.MAX)    # every rank runs the same number (collectives)
-    for _ in range(int(calls.item())):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)    # every rank runs the same number (collectives)
+    return int(t.item())
+
+
+def measure_interleaved(cases: dict, timer: Timer, iters: int) -> dict:
+    """``{column: median ms}`` for ``cases = {column: (fn, rewind, graph)}``, the max over ranks.
+
+    Each case is compiled/captured, then warmed for at least ``WARMUP_MS`` (at least 3 calls),
+    then the columns take turns for ``ROUNDS`` rounds of ``iters / ROUNDS`` timed calls (the
+    order rotating every round), so no column is measured cold or minutes apart from another."""
+    runs = {}
+    for col, (fn, rewind, graph) in cases.items():
+        rewind = rewind or (lambda: None)
+        if graph:
+            fn = Graphed(fn, reset=rewind).run
         rewind()
-        fn()
-    times = []
-    for _ in range(iters):
+        fn()                                       # compile / capture
         rewind()
         a = timer.mark()
         fn()
-        times.append(timer.ms(a, timer.mark()))
-    return measure_values(times, torch.device("cuda" if timer.cuda else "cpu"))
+        one = max(timer.ms(a, timer.mark()), 1e-3)
+        for _ in range(_agreed_int(min(200, max(3, int(WARMUP_MS / one))), timer)):
+            rewind()
+            fn()
+        runs[col] = (fn, rewind)
+    times = {c: [] for c in runs}
+    if not runs:
+        return {}
+    per = max(1, -(-iters // ROUNDS))
+    cols = list(runs)
+    for r in range(ROUNDS):
+        for c in cols[r % len(cols):] + cols[:r % len(cols)]:
+            fn, rewind = runs[c]
+            for _ in range(per):
+                rewind()
+                a = timer.mark()
+                fn()
+                times[c].append(timer.ms(a, timer.mark()))
+    device = torch.device("cuda" if timer.cuda else "cpu")
+    return {c: measure_values(t, device) for c, t in times.items()}
+
+
+def measure(fn, timer: Timer, iters: int, graph: bool, rewind=None) -> float:
+    """Median ms of one case (see ``measure_interleaved``)."""
+    return measure_interleaved({"_": (fn, rewind, graph)}, timer, iters)["_"]
 
 
 def measure_values(times: list, device) -> float:
@@ -156,9 +179,10 @@ def plan_for(column: str, row: Row) -> str:
     return "torch" if row.decode or row.group == "infer" else "torch_sp"
 
 
-def run_row(row: Row, column: str, model, args, ctx: dict) -> float:
+def prepare_row(row: Row, column: str, model, args, ctx: dict):
+    """``(fn, rewind, graph)`` timing ``row`` under ``column`` (compiled lazily on first call)."""
     backend, options = compiler(column, args)
-    timer, device, world, rank = ctx["timer"], ctx["device"], ctx["world"], ctx["rank"]
+    device, world, rank = ctx["device"], ctx["world"], ctx["rank"]
     gpu, cfg = device.type == "cuda", model.config
     gen = torch.Generator().manual_seed(args.seed)
     sp = plan_for(column, row) == "torch_sp"  # inputs are this rank's sequence chunk
@@ -169,7 +193,7 @@ def run_row(row: Row, column: str, model, args, ctx: dict) -> float:
         x = x.chunk(world, dim=1)[rank].contiguous() if sp else x                                   # [B, S/w, H]
     if row.group == "mlp":
         mlp = comp(model.model.layers[0].mlp)
-        return measure(lambda: mlp(x), timer, args.iters, graph=gpu)
+        return (lambda: mlp(x)), None, gpu
     if row.group == "attn":
         from transformers import StaticCache
 
@@ -187,35 +211,40 @@ def run_row(row: Row, column: str, model, args, ctx: dict) -> float:
                         past_key_values=cache)[0]
         step = comp(step)
         rewind = (lambda: cache.layers[0].cumulative_length.fill_(row.ctx)) if cache is not None else None
-        return measure(lambda: step(x, pos), timer, args.iters, graph=gpu, rewind=rewind)
+        return (lambda: step(x, pos)), rewind, gpu
 
-    key = (column, row.lm_head, row.max_seq, id(model))  # E2E decode 128 and inference share it
-    if ctx.get("engine_key") != key:
-        ctx["engine"] = ctx["engine_key"] = None
+    engines = ctx.setdefault("engines", {})
+    key = (column, row.lm_head, row.max_seq, id(model))
+    if key not in engines:
+        for k in [k for k in engines if k[1:] != key[1:] or k[0] == column]:   # one engine config at a time
+            del engines[k]
         gc.collect()
-        ctx["engine"] = Engine(model, backend, options, max_batch=1 << 16, max_seq=row.max_seq,
-                               lm_head=row.lm_head)
-        ctx["engine_key"] = key
-    eng: Engine = ctx["engine"]
+        engines[key] = Engine(model, backend, options, max_batch=1 << 16, max_seq=row.max_seq, lm_head=row.lm_head)
+    eng: Engine = engines[key]
     ids = torch.randint(0, cfg.vocab_size, (row.batch, row.seq), generator=gen).to(device)          # [B, S]
-    if row.group == "infer":
-        eng.generate(ids, row.steps + 1)  # compile + capture (the decode graph may already exist)
-        runs = [eng.generate(ids, row.steps + 1) for _ in range(args.infer_runs)]
-        ctx["infer"][column] = runs[-1].summary()
-        return measure_values([r.prefill_ms + r.decode_ms for r in runs], device)
     eng.cache(row.batch)
     if not row.decode:
-        return measure(lambda: eng.prefill(ids), timer, args.iters, graph=False,
-                       rewind=lambda: eng.seek(row.batch, 0))
+        return (lambda: eng.prefill(ids)), (lambda: eng.seek(row.batch, 0)), False
     eng.seek(row.batch, row.ctx)
     if row.batch not in eng._ready:
         eng.capture(row.batch)  # compiled, and captured in a CUDA graph on GPU
-    return measure(lambda: eng.decode(ids), timer, args.iters, graph=False,
-                   rewind=lambda: eng.seek(row.batch, row.ctx))
+    return (lambda: eng.decode(ids)), (lambda: eng.seek(row.batch, row.ctx)), False
+
+
+def run_infer(row: Row, column: str, model, args, ctx: dict) -> float:
+    """The inference row: prefill + ``row.steps`` decode steps, end to end."""
+    backend, options = compiler(column, args)
+    eng = Engine(model, backend, options, max_batch=row.batch, max_seq=row.max_seq, lm_head=True)
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, model.config.vocab_size, (row.batch, row.seq), generator=gen).to(ctx["device"])
+    eng.generate(ids, row.steps + 1)  # compile + capture
+    runs = [eng.generate(ids, row.steps + 1) for _ in range(args.infer_runs)]
+    ctx["infer"][column] = runs[-1].summary()
+    return measure_values([r.prefill_ms + r.decode_ms for r in runs], ctx["device"])
 
 
 def free_model(ctx: dict) -> None:
-    ctx["engine"], ctx["engine_key"] = None, None
+    ctx.pop("engines", None)
     torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
@@ -361,15 +390,17 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--quick", action="store_true", help="tiny model, a few tiny cases (CPU tests)")
     p.add_argument("--check", action="store_true", help="run the correctness check instead of the benchmark")
-    p.add_argument("--check-batch", type=int, default=2)
+    p.add_argument("--check-batch", type=int, default=2, help="sequences in the --check comparison (default 2)")
     p.add_argument("--ctx", type=int, default=None, help="context / prompt length (default 128; quick 16)")
     p.add_argument("--steps", type=int, default=None, help="decode steps of the inference row (128; quick 4)")
     p.add_argument("--large-batch", type=int, default=None, help="default: the largest <= 4096 that fits")
     p.add_argument("--iters", type=int, default=None, help="timed iterations per case (20; quick 3)")
-    p.add_argument("--infer-runs", type=int, default=3)
-    p.add_argument("--columns", default=",".join(COLUMNS))
+    p.add_argument("--infer-runs", type=int, default=3, help="timed generate() runs of the inference row (default 3)")
+    p.add_argument("--columns", default=",".join(COLUMNS),
+                   help="comma-separated columns: eager, inductor, async_tp, bound, tdist, or tdist:<strategy> "
+                        f"to force one (default {','.join(COLUMNS)})")
     p.add_argument("--cases", default=None, help="comma-separated substrings; keep only matching cases")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG (default benchmarks/results)")
     p.add_argument("--tag", default=None, help="file-name tag (default: device name)")
     p.add_argument("--resume", default=None, help="a bench JSON to continue: its measured cells are kept, "
                                                   "the rest measured, all saved to that file")
@@ -430,7 +461,7 @@ def bench_main(args) -> dict:
     large = large_batch(args, config, device, world) if not args.quick else (args.large_batch or 8)
     if device.type == "cuda" and not args.quick and not args.large_batch:
         get_model("hf")
-        large = large_batch(args, config, device, world)
+        large = large_batch(args, config, device, world, copies=len([c for c in avail if c != "async_tp"]))
     rows = rows_for(args, large)
     if args.cases:
         rows = [r for r in rows if any(s.strip() in r.name for s in args.cases.split(","))]
@@ -453,9 +484,12 @@ def bench_main(args) -> dict:
              "gap closed = (inductor - tdist) / (inductor - bound); vs best baseline = min(eager, inductor, "
              "async-TP) / tdist"]
 
-    def save(done: list) -> dict:  # after every column, so a run cut short keeps what it measured
+    ran = dict(prior.get("tdist_ops_ran", {}))
+
+    def save(done: list) -> dict:  # after every row / column, so a run cut short keeps what it measured
         tab = table(results, rows, done)
         res = {**meta, "large_batch": large, "iters": args.iters, "columns": done, "rows": tab,
+               "tdist_ops_ran": ran,
                "inference": ctx["infer"], "errors": errors, "notes": notes, "complete": all(c in done for c in avail)}
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
@@ -465,25 +499,66 @@ def bench_main(args) -> dict:
                                      f"{meta['machine'].get('gpu', 'CPU')}")
         return res
 
+    from tdcompile.ops import cuda as opc
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # several backends
     rank_of = {"eager": 0, "inductor": 1, "async_tp": 2, "bound": 3, "tdist": 4}   # baselines first
     order = sorted(avail, key=lambda c: rank_of.get(c, 5))
-    for i, column in enumerate(order):
+    prior_cols = [c for c in prior.get("columns", []) if c not in avail]
+    shown = lambda: [c for c in order if any(isinstance(results[r.name].get(c), float) for r in rows)] + prior_cols  # noqa: E731
+
+    def cell(row, column, value, note=""):
+        results[row.name][column] = round(value, 4) if isinstance(value, float) else value
+        say(f"[bench] {column:9s} {row.name:34s} {results[row.name][column]} ms{note}", flush=True)
+
+    # async-TP runs another plan (model): column by column, first (a baseline)
+    for column in [c for c in order if c == "async_tp"]:
         for row in rows:
             if isinstance(results[row.name].get(column), float):
-                say(f"[bench] {column:9s} {row.name:34s} {results[row.name][column]} ms (kept from --resume)")
                 continue
-            model = get_model(plan_for(column, row))
             try:
                 with torch.no_grad():
-                    results[row.name][column] = round(run_row(row, column, model, args, ctx), 4)
+                    model = get_model(plan_for(column, row))
+                    if row.group == "infer":
+                        cell(row, column, run_infer(row, column, model, args, ctx))
+                    else:
+                        fn, rewind, graph = prepare_row(row, column, model, args, ctx)
+                        cell(row, column, measure(fn, ctx["timer"], args.iters, graph, rewind))
             except Exception as e:  # noqa: BLE001  (a failed cell is reported, not fatal)
                 errors[f"{row.name} / {column}"] = f"{type(e).__name__}: {str(e)[:300]}"
-                results[row.name][column] = "error"
-            say(f"[bench] {column:9s} {row.name:34s} {results[row.name][column]} ms", flush=True)
-        ctx["engine"] = ctx["engine_key"] = None
+                cell(row, column, "error")
+            ctx.pop("engines", None)
+            torch._dynamo.reset()
+        res = save(shown())
+    # the HF-plan columns share one model and are measured together, interleaved per row
+    group = [c for c in order if c != "async_tp"]
+    for row in rows:
+        todo = [c for c in group if not isinstance(results[row.name].get(c), float)]
+        if not todo:
+            continue
+        model = get_model("hf")
+        before = dict(opc.RAN)
+        cases = {}
+        with torch.no_grad():
+            for column in todo:
+                try:
+                    if row.group == "infer":
+                        cell(row, column, run_infer(row, column, model, args, ctx))
+                    else:
+                        cases[column] = prepare_row(row, column, model, args, ctx)
+                except Exception as e:  # noqa: BLE001
+                    errors[f"{row.name} / {column}"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    cell(row, column, "error")
+            try:
+                for column, ms in measure_interleaved(cases, ctx["timer"], args.iters).items():
+                    cell(row, column, ms)
+            except Exception as e:  # noqa: BLE001
+                errors[f"{row.name} / {','.join(cases)}"] = f"{type(e).__name__}: {str(e)[:300]}"
+                for column in cases:
+                    cell(row, column, "error")
+        ran[row.name] = sorted(f"{op}:{fam}" for (op, fam), n in opc.RAN.items() if n > before.get((op, fam), 0))
+        ctx.pop("engines", None)
         torch._dynamo.reset()
-        res = save([c for c in avail if c in order[:i + 1]] +
-                   [c for c in prior.get("columns", []) if c not in avail])
+        res = save(shown())
     models.clear()
     free_model(ctx)
     say(tabulate(res["rows"], headers="keys", tablefmt="github", floatfmt=".3f"))
