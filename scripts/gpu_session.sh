@@ -19,7 +19,7 @@ NP=${NP:-$(python3 -c 'import torch; print(torch.cuda.device_count())')}
 LOG=$OUT/session-$STAGE.log
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } >>"$LOG" 2>&1
-CASES=${CASES:-"MLP M=128,MLP M=4096,attn prefill bsz=32,attn decode bsz=128,E2E prefill 32x128,E2E decode bsz=128"}
+CASES=${CASES:-"=MLP M=128,=MLP M=4096,=attn prefill bsz=32 ctx=128,=attn decode bsz=128 ctx=128,=E2E prefill 32x128,=E2E decode bsz=128"}
 step() { local t=$1; shift; echo "== $(date +%T) $*" | tee -a "$LOG"; timeout "$t" "$@" 2>&1 | tee -a "$LOG" | tail -${TAIL:-25}; }
 calibrate() {
   TDCOMPILE_SPIN_TIMEOUT_S=5 step "${CAL_T:-240}" torchrun --nproc_per_node "$NP" -m tdcompile calibrate \
@@ -37,6 +37,8 @@ case ${STAGE:-prep} in
     step "${BENCH_T:-520}" torchrun --nproc_per_node "$NP" -m tdcompile.bench --model qwen3-32b --layers 8 \
       --columns eager,inductor,async_tp,bound,tdist --cases "$CASES" --out "$OUT" ;;
   all)
+    TDCOMPILE_SPIN_TIMEOUT_S=5 step 150 python3 -m pytest -q -rs -p no:cacheprovider -m multigpu \
+      tests/gpu/test_all_reduce_kernels.py tests/gpu/test_multigpu.py
     step 120 torchrun --nproc_per_node "$NP" benchmarks/bench_all_reduce.py --out "$OUT"
     calibrate
     step "${BENCH_T:-420}" torchrun --nproc_per_node "$NP" -m tdcompile.bench --model qwen3-32b --layers 8 \

@@ -399,7 +399,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--columns", default=",".join(COLUMNS),
                    help="comma-separated columns: eager, inductor, async_tp, bound, tdist, or tdist:<strategy> "
                         f"to force one (default {','.join(COLUMNS)})")
-    p.add_argument("--cases", default=None, help="comma-separated substrings; keep only matching cases")
+    p.add_argument("--cases", default=None, help="comma-separated substrings (or '=name' for an exact name); "
+                                                 "keep only matching cases")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG (default benchmarks/results)")
     p.add_argument("--tag", default=None, help="file-name tag (default: device name)")
     p.add_argument("--resume", default=None, help="a bench JSON to continue: its measured cells are kept, "
@@ -464,7 +465,8 @@ def bench_main(args) -> dict:
         large = large_batch(args, config, device, world, copies=len([c for c in avail if c != "async_tp"]))
     rows = rows_for(args, large)
     if args.cases:
-        rows = [r for r in rows if any(s.strip() in r.name for s in args.cases.split(","))]
+        specs = [c.strip() for c in args.cases.split(",") if c.strip()]
+        rows = [r for r in rows if any(r.name == c[1:] if c.startswith("=") else c in r.name for c in specs)]
     results = {r.name: {"graph": "yes" if device.type == "cuda" and (r.decode or r.group in ("mlp", "attn"))
                         else "no"} for r in rows}
     errors = dict(prior.get("errors", {}))
