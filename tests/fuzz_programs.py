@@ -134,8 +134,11 @@ class _Builder:
             if divs and self.rng.random() < 0.7:
                 b = self.rng.choice(divs)
                 return self.new((b, m // b, c), v.replicated, f"{v.name}.reshape({b}, -1, {c})", "2-D -> 3-D")
-        if c % 2 == 0 and self.rng.random() < 0.5:          # changes the last dim: not row-local
-            lead = "".join(f"{d}, " for d in rows[:-1])
+        lead = "".join(f"{d}, " for d in rows[:-1])       # reshapes that regroup rows: not row-local
+        if rows[-1] % 2 == 0 and self.rng.random() < 0.5:
+            return self.new((*rows[:-1], rows[-1] // 2, 2 * c), v.replicated, f"{v.name}.reshape({lead}-1, {2 * c})",
+                            "rows halved, last dim doubled")
+        if c % 2 == 0:
             return self.new((*rows[:-1], rows[-1] * 2, c // 2), v.replicated, f"{v.name}.reshape({lead}-1, {c // 2})",
                             "last dim halved")
         return None
@@ -185,6 +188,13 @@ class _Builder:
             self.linear(g, replicated_weight=False)           # a second weight on the same gather
         return self.reduce_scatter(self.linear(h, n=v.shape[-1], replicated_weight=False), dim)
 
+    def decoder_layer(self, v: Value) -> Value:
+        """HF-style layer on a replicated residual: h + all_reduce(row_parallel(rms_norm(h)))."""
+        if not v.replicated:
+            v = self.all_reduce(v)
+        out = self.row_parallel(self.rms_norm(v))
+        return self.new(v.shape, True, f"{v.name} + {out.name}", "residual add")
+
     def all_reduce_then_linear(self, v: Value) -> Value:
         """all_reduce -> pointwise -> one linear -> all_reduce."""
         h = self.pointwise(self.all_reduce(v))
@@ -193,7 +203,7 @@ class _Builder:
 
 OPS = {   # op -> weight
     "linear": 6, "pointwise": 3, "binary": 3, "rms_norm": 2, "reshape": 3, "all_reduce": 3, "all_gather": 2,
-    "reduce_scatter": 2, "row_parallel": 2, "sequence_parallel": 2, "all_reduce_then_linear": 1,
+    "reduce_scatter": 2, "row_parallel": 2, "sequence_parallel": 2, "all_reduce_then_linear": 1, "decoder_layer": 2,
 }
 COLLECTIVE_OPS = ("all_reduce", "all_gather_single", "reduce_scatter_single")
 
@@ -214,7 +224,7 @@ def make_case(seed: int) -> Case:
         case.inputs.append((f"x{i}", (*rows, k), rep))
         b.values.append(Value(f"x{i}", (*rows, k), rep))
     names, weights = zip(*OPS.items())
-    for _ in range(rng.randint(1, 6)):
+    for _ in range(rng.randint(1, 7)):
         op = rng.choices(names, weights)[0]
         v = b.pick()
         getattr(b, op)(v)

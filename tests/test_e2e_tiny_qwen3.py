@@ -19,6 +19,10 @@ QUICK = ["hf_fused", "torch_sp_fused", "hf_sp_3x7"]
 SLOW = ["hf_auto", "hf_auto_h200_profile", "torch_fused", "torch_sp_auto", "torch_sp_rewrite", "hf_fused_bf16",
         "hf_fused_m_odd", "decode_hf_fused", "decode_hf_sp", "no_collectives", "dynamic_m"]
 HF_ROW_PARALLEL = sorted(f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.o_proj", "mlp.down_proj"))
+# the norm that follows each of those all_reduces (after the residual add)
+HF_NORMS_AFTER_ALL_REDUCE = ["model.layers.0.post_attention_layernorm", "model.layers.1.input_layernorm",
+                             "model.layers.1.post_attention_layernorm", "model.norm"]
+ALL_REDUCE_FAMILIES = ("gemm_all_reduce", "all_reduce_rmsnorm", "all_reduce")
 
 
 def _run_worker(request, tmp_path_factory, names):
@@ -60,21 +64,30 @@ def modules(r, pattern, choice=None):
     return sorted(m["module"] for m in patterns(r, pattern, choice))
 
 
+def assert_every_all_reduce_fused(r):
+    """HF's plan has 4 all_reduces (o_proj, down_proj x 2 layers); each must become one tdist op,
+    fused with its GEMM (gemm_all_reduce) or with the residual add + RMSNorm after it."""
+    fused = [m for m in r["matches"] if m["pattern"] in ALL_REDUCE_FAMILIES and m["rewritten"]]
+    assert len(fused) == 4, [(m["pattern"], m["module"]) for m in r["matches"]]
+    assert {m["module"] for m in fused} <= set(HF_ROW_PARALLEL + HF_NORMS_AFTER_ALL_REDUCE)
+    assert r["ops_after"]["_c10d_functional.all_reduce"] == 0 and r["tdist_ops_after"] == 4
+    return fused
+
+
 # ============================================================================ default suite
-def test_hf_plan_fused_matches_every_o_proj_and_down_proj_and_equals_eager(quick):
+def test_hf_plan_fused_turns_every_all_reduce_into_a_tdist_op_and_equals_eager(quick):
     r = case(quick, "hf_fused")
-    assert modules(r, "gemm_all_reduce", "fused") == HF_ROW_PARALLEL
-    assert len(r["matches"]) == 4 and all(m["rewritten"] for m in r["matches"])
-    assert r["ops_after"]["_c10d_functional.all_reduce"] == 0   # every eligible collective replaced
-    assert r["tdist_ops_after"] == 4
+    assert_every_all_reduce_fused(r)
+    assert all(m["rewritten"] for m in r["matches"] if m["choice"] == "fused")
     assert r["max_diff_single"] <= TOL_FP32
 
 
-def test_hf_plan_gemm_all_reduce_reports_full_gemm_shape(quick):
-    r = case(quick, "hf_fused")
-    shapes = {m["module"]: tuple(m["shape"]) for m in r["matches"]}
-    assert shapes["model.layers.0.self_attn.o_proj"] == (32, 256, 128)   # M=B*S, N=hidden, K=heads/2*head_dim
-    assert shapes["model.layers.0.mlp.down_proj"] == (32, 256, 256)      # K = intermediate / 2
+def test_reports_give_the_full_gemm_shape_of_each_fused_linear(quick):
+    r = case(quick, "torch_sp_fused")                   # M = B*S = 32 tokens, hidden 256, 2 ranks
+    shapes = {(m["pattern"], m["module"]): tuple(m["shape"]) for m in r["matches"]}
+    assert shapes["gemm_reduce_scatter", "model.layers.0.self_attn.o_proj"] == (32, 256, 128)  # K = heads/2*head_dim
+    assert shapes["gemm_reduce_scatter", "model.layers.0.mlp.down_proj"] == (32, 256, 256)     # K = intermediate / 2
+    assert shapes["all_gather_gemm", "model.layers.0.mlp"] == (32, 512, 256)                   # N = gate + up
 
 
 def test_torch_sequence_parallel_plan_fuses_gathers_and_scatters(quick):
@@ -102,21 +115,21 @@ def test_sequence_parallel_rewrite_of_hf_plan_with_rows_not_divisible_by_world(q
 @pytest.mark.slow
 def test_auto_on_cpu_without_profile_keeps_collectives_and_says_why(results):
     r = case(results, "hf_auto")
-    assert modules(r, "gemm_all_reduce", "unfused") == HF_ROW_PARALLEL and len(r["matches"]) == 4
-    assert not any(m["rewritten"] for m in r["matches"])
-    assert all("profile" in m["reason"] for m in r["matches"])
-    assert r["ops_after"]["_c10d_functional.all_reduce"] == 4
+    assert modules(r, "gemm_all_reduce", "unfused") == HF_ROW_PARALLEL
+    assert all(m["choice"] == "unfused" and not m["rewritten"] and "profile" in m["reason"] for m in r["matches"])
+    assert r["ops_after"]["_c10d_functional.all_reduce"] == 4 and r["tdist_ops_after"] == 0
     assert r["max_diff_single"] <= TOL_FP32
 
 
 @pytest.mark.slow
-def test_auto_with_a_gpu_profile_predicts_every_candidate_and_stays_correct(results):
+def test_auto_with_a_gpu_profile_picks_the_cheaper_prediction_and_stays_correct(results):
     r = case(results, "hf_auto_h200_profile")
-    assert modules(r, "gemm_all_reduce") == HF_ROW_PARALLEL and len(r["matches"]) == 4
+    ar = [m for m in r["matches"] if m["pattern"] in ALL_REDUCE_FAMILIES]
+    assert len({m["module"] for m in ar}) >= 4                                     # every all_reduce site decided
     for m in r["matches"]:
-        assert set(m["predicted_us"]) == {"unfused", "fused"}
+        assert "unfused" in m["predicted_us"] and len(m["predicted_us"]) >= 2
         assert m["choice"] == min(m["predicted_us"], key=m["predicted_us"].get)   # the cheaper prediction
-        assert m["rewritten"] == (m["choice"] == "fused")
+        assert m["rewritten"] == (m["choice"] != "unfused")
     assert r["tdist_ops_after"] == sum(m["rewritten"] for m in r["matches"])
     assert r["max_diff_single"] <= TOL_FP32
 
@@ -124,7 +137,7 @@ def test_auto_with_a_gpu_profile_predicts_every_candidate_and_stays_correct(resu
 @pytest.mark.slow
 def test_parallelize_module_plan_fused_equals_eager(results):
     r = case(results, "torch_fused")
-    assert modules(r, "gemm_all_reduce", "fused") == HF_ROW_PARALLEL and r["tdist_ops_after"] == 4
+    assert_every_all_reduce_fused(r)
     assert r["max_diff_single"] <= TOL_FP32
 
 
@@ -147,7 +160,7 @@ def test_sequence_parallel_rewrite_of_parallelize_module_plan(results):
 @pytest.mark.slow
 def test_bf16_fused_is_as_close_to_reference_as_eager_tp(results):
     r = case(results, "hf_fused_bf16")
-    assert modules(r, "gemm_all_reduce", "fused") == HF_ROW_PARALLEL and r["tdist_ops_after"] == 4
+    assert_every_all_reduce_fused(r)
     assert r["max_diff_single"] <= 3e-2 * r["ref_scale"]
     assert r["max_diff_eager_tp"] <= 3e-2 * r["ref_scale"]
 
@@ -155,15 +168,15 @@ def test_bf16_fused_is_as_close_to_reference_as_eager_tp(results):
 @pytest.mark.slow
 def test_m_not_divisible_by_world_size_is_correct(results):
     r = case(results, "hf_fused_m_odd")                 # 1 x 7 tokens
-    assert [m["shape"][0] for m in patterns(r, "gemm_all_reduce", "fused")] == [7] * 4
-    assert r["tdist_ops_after"] == 4 and r["max_diff_single"] <= TOL_FP32
+    assert [m["shape"][0] for m in assert_every_all_reduce_fused(r)] == [7] * 4
+    assert r["max_diff_single"] <= TOL_FP32
 
 
 @pytest.mark.slow
 def test_static_cache_decode_compiles_fullgraph_once_and_matches(results):
     r = case(results, "decode_hf_fused")
     assert r["graphs"] == 1                              # no recompilation across decode steps
-    assert modules(r, "gemm_all_reduce", "fused") == HF_ROW_PARALLEL and r["tdist_ops_after"] == 4
+    assert_every_all_reduce_fused(r)
     assert len(r["step_diffs"]) == 3 and max(r["step_diffs"]) <= TOL_FP32
 
 
@@ -186,6 +199,7 @@ def test_dynamic_m_compiles_one_graph_and_decides_inside_the_ops(results):
     r = case(results, "dynamic_m")
     assert r["graphs"] == 1
     gar = patterns(r, "gemm_all_reduce")
-    assert sorted(m["module"] for m in gar) == HF_ROW_PARALLEL
-    assert all(m["choice"] == "auto" and m["shape"][0] is None for m in gar)
+    assert sorted(m["module"] for m in gar) == HF_ROW_PARALLEL and all(m["shape"][0] is None for m in gar)
+    # M unknown at compile time: decided inside the op at run time ("auto"), or, without a GPU, kept unfused
+    assert all(m["choice"] == "auto" or (m["choice"] == "unfused" and "dynamic" in m["reason"]) for m in gar)
     assert len(r["diffs"]) == 3 and max(r["diffs"]) <= TOL_FP32
