@@ -58,8 +58,10 @@ def run_case(seed: int, rank: int, watch: _Watch) -> dict:
         model, inputs = fuzz_programs.build(case, rank)
         with torch.no_grad():
             want = _plain(model(*inputs))
-            compiled = torch.compile(model, backend="tdist", options=case.options, dynamic=case.dynamic,
-                                     fullgraph=True)
+            options = dict(case.options)
+            if os.environ.get("TDIST_FUZZ_DUMP"):                 # replaying: keep the graphs of each stage
+                options["dump_dir"] = os.path.join(os.environ["TDIST_FUZZ_DUMP"], str(seed))
+            compiled = torch.compile(model, backend="tdist", options=options, dynamic=case.dynamic, fullgraph=True)
             got = _plain(compiled(*inputs))
         assert len(want) == len(got), f"{len(got)} outputs, eager has {len(want)}"
         diffs = []

@@ -96,6 +96,12 @@ def find_gemm_reduce_scatter_matches(graph: fx.Graph) -> list[Match]:
             gemm, chain = producer_gemm(y)
             if perm is None and (concrete(shape(x)[0]) is None or shape(x)[0] % world):
                 raise NoMatch(f"scattered dim {shape(x)[0]} not known to divide by {world}")
+            m, n, _ = gemm.mnk
+            # the op scatters whole GEMM rows: the scattered chunks must be whole rows of [M, N]
+            if concrete(m) is None or m % world:
+                raise NoMatch(f"GEMM rows {m} not known to divide by {world}")
+            if perm is not None and shape(y)[-1] != n:
+                raise NoMatch(f"reshapes between the GEMM and the scatter change its last dim ({n} -> {shape(y)[-1]})")
             reshape_arg(shape(wait))  # the output reshape must be expressible (<= 1 dynamic dim)
         except NoMatch as e:
             log.debug("reduce_scatter %s stays unfused: %s", rs.name, e)

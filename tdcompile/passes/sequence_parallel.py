@@ -228,6 +228,14 @@ class _Rewriter:
             if args[0] not in self.shard or [d % ndim for d in dims] != [ndim - 1] or not keep:
                 return None
             args[1] = [-1]
+        else:
+            # the output's channels must come from a sharded input: a broadcast that widens a sharded
+            # [T, 1] by a [1, N] operand is a K=1 matmul (Inductor decomposes those into mul), and its
+            # "weight" may differ per rank, so it is gathered before, like any matmul
+            width = shape(n)[-1] if shape(n) else 1
+            if width != 1 and not any(shape(a)[-1] == width for a in args if isinstance(a, fx.Node)
+                                      and a in self.shard and shape(a)):
+                return None
         new = []
         for a in args:
             if not isinstance(a, fx.Node):
