@@ -54,16 +54,17 @@ TABLE = [
     # 4096 x 5120 bf16 (41.9 MB): NCCL 33 + 135.3 = 168.3; P2P two-shot 12 + 119.8 = 131.8.
     ("all_reduce", 4096, H, 0, "fused", {"unfused": 168.3, "fused": 131.84}),
     # q/k/v prefill M=4096: GEMM 290.2 us (315.4 us at 92%); gathering 41.9 MB: NCCL 33 + 67.6,
-    # P2P 59.9 (hidden under 315.4, 20% exposed): fused 315.4 + 4 + 12 + 6 = 337.4 < 394.9.
-    ("all_gather_gemm", 4096, QKV_N, H, "fused", {"unfused": 394.85, "fused": 337.42}),
+    # P2P 59.9 (hidden under 315.4, 20% exposed): fused 315.4 + 4 + 12 + 6 = 337.4 < 394.9, only 14.5%
+    # faster: within measured.TIE (15%), so unfused.
+    ("all_gather_gemm", 4096, QKV_N, H, "unfused", {"unfused": 394.85, "fused": 337.42}),
     # gate+up prefill M=4096: compute bound, GEMM 1451 us; 8% slower fused GEMM costs 126 us,
     # more than the 100.6 us NCCL gather it hides: unfused 1555.65 < fused 1599.16.
     ("all_gather_gemm", 4096, GATE_UP_N, H, "unfused", {"unfused": 1555.65, "fused": 1599.16}),
     # decode M=8 of the same gate+up: weight-read bound (262 MB, 61 us) either way; NCCL latency dominates.
     ("all_gather_gemm", 8, GATE_UP_N, H, "fused", {"unfused": 98.21, "fused": 71.1}),
-    # down_proj reduce_scatter M=4096: 2.4% faster fused -> fused.
-    ("gemm_reduce_scatter", 4096, H, DOWN_K, "fused", {"unfused": 830.15, "fused": 810.57}),
-    # M=16384: fused 3212.29 vs unfused 3209.61 -> not >1% faster -> unfused.
+    # down_proj reduce_scatter M=4096: 2.4% faster fused: within the tie margin -> unfused.
+    ("gemm_reduce_scatter", 4096, H, DOWN_K, "unfused", {"unfused": 830.15, "fused": 810.57}),
+    # M=16384: fused 3212.29 vs unfused 3209.61 -> slower -> unfused.
     ("gemm_reduce_scatter", 16384, H, DOWN_K, "unfused", {"unfused": 3209.61, "fused": 3212.29}),
 ]
 
@@ -157,13 +158,13 @@ def test_on_a_gpu_auto_decides_from_the_measured_table_not_the_analytic_model(h2
     assert d.choice == "unfused" and d.source == "shipped" and d.candidates_us == {"unfused": 20.4, "fused": 44.4}
 
 
-def test_a_measured_winner_must_beat_unfused_by_more_than_two_percent(h200):
+def test_a_measured_winner_must_beat_unfused_by_more_than_the_tie_margin(h200):
     from tdcompile.measured import Key
     key = Key.of("gemm_all_reduce", m=100, n=H, k=O_K, dtype=BF16, world=2)     # M=100 -> bucket 128
     assert key.m == 128
-    win = _table({key: {"unfused": 80.0, "fused": 111.7, "symm_mem:two_shot": 70.0}})
-    assert decide("gemm_all_reduce", 100, H, O_K, h200, table=win).choice == "symm_mem:two_shot"
-    tie = _table({key: {"unfused": 80.0, "symm_mem:two_shot": 79.0}})
+    win = _table({key: {"unfused": 70.6, "fused": 100.3, "fused:one_shot": 54.7}})   # 2xH200, 2026-11-27
+    assert decide("gemm_all_reduce", 100, H, O_K, h200, table=win).choice == "fused:one_shot"
+    tie = _table({key: {"unfused": 936.1, "fused:two_shot": 892.5}})                 # 4.7%: within the margin
     d = decide("gemm_all_reduce", 100, H, O_K, h200, table=tie)
     assert d.choice == "unfused" and "tie goes to unfused" in d.reason
 
