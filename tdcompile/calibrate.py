@@ -90,6 +90,23 @@ def fit_nccl(entries: dict, profile: DeviceProfile) -> dict:
     return {"nccl_gbps": 1e-3 / max(slope, 1e-12), "nccl_latency_us": max(my - slope * mx, 1.0)}
 
 
+def kernel_results(entries: dict) -> list:
+    """The measured entries as kernel-bench rows: op, M, N, K, unfused_us, fused_us (the best
+    non-unfused candidate), which one, the auto choice, and every candidate's us."""
+    from tdcompile.measured import Key, choose
+    rows = []
+    for kid, (times, source) in sorted(entries.items()):
+        k = Key.parse(kid)
+        fused = {c: t for c, t in times.items() if c != "unfused" and t != float("inf")}
+        best = min(fused, key=fused.get) if fused else None
+        rows.append({"op": k.op, "M": k.m, "N": k.n, "K": k.k, "dtype": k.dtype, "world": k.world,
+                     "unfused_us": round(times.get("unfused", float("nan")), 1),
+                     "fused_us": round(fused[best], 1) if best else None, "fused_impl": best,
+                     "auto_choice": choose(times)[0], "source": source,
+                     "candidates_us": {c: (round(t, 1) if t != float("inf") else "failed") for c, t in times.items()}})
+    return rows
+
+
 def prediction_errors(entries: dict, profile: DeviceProfile) -> list:
     """Per measured key and candidate the analytic model predicts: predicted vs measured us."""
     from tdcompile.cost_model import predict
@@ -220,7 +237,8 @@ def calibrate_main(args) -> None:
             import sys
             from tdcompile.bench import machine, versions
             with open(args.report, "w") as f:
-                json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+                json.dump({"mode": "real", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                           "command": " ".join(sys.argv), "results": kernel_results(entries),
                            "machine": machine(device), "versions": versions(),
                            "world": dist.get_world_size() if multi else 1, "env": mt.environment(
                                dist.get_world_size() if multi else 1),

@@ -135,7 +135,7 @@ def measure_key(key: measured.Key, group_name: str) -> dict:
             ok, why = False, f"{type(e).__name__}: {str(e)[:200]}"
         if not measured.all_agree(ok, group_name):
             times[c] = math.inf
-            log.info("tdist: %s: candidate %s not timed (%s)", key.id(), c, why or "failed on another rank")
+            log.warning("tdist: %s: candidate %s not timed (%s)", key.id(), c, why or "failed on another rank")
             continue
         if c == "unfused" and key.op == "all_reduce_rmsnorm":
             # Inductor runs NCCL + its own fused add+norm kernel; time only the NCCL all-reduce,
