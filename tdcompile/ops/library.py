@@ -10,15 +10,10 @@ from typing import Optional
 
 import torch
 
+from tdcompile.config import check_impl as _check_impl
 from tdcompile.ops import reference as ref
 
-IMPLS = ("auto", "fused", "unfused")
 OP_NAMES = ("all_reduce", "gemm_all_reduce", "all_gather_gemm", "gemm_reduce_scatter")
-
-
-def _check_impl(impl: str) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"tdist: impl must be one of {IMPLS}, got {impl!r}")
 
 
 def _mm_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
