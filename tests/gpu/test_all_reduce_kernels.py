@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+from sim_ranks import poison, world  # noqa: E402  (tests/gpu helper)
 
 os.environ.setdefault("TDCOMPILE_MAX_M", "4096")
 VARIANTS = ["one_shot", "two_shot"]
@@ -45,18 +46,6 @@ def assert_norm_close(y, ref):
     torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol)
 
 
-def poison(t):
-    return t.fill_(float("nan"))
-
-
-_WORLDS = {}
-
-
-def world(W):
-    from tdcompile.kernels.symm import SimWorld
-    if W not in _WORLDS:
-        _WORLDS[W] = SimWorld(W)
-    return _WORLDS[W]
 
 
 def sizes(seed, n=N_CASES):

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from sim_ranks import poison, world  # noqa: E402  (tests/gpu helper)
 
 pytestmark = pytest.mark.gpu
 
@@ -26,18 +27,6 @@ def rank_input(shape, r, dtype, gen_scale=1.0):
     return (x * (r + 1) + 0.01 * (r + 1)).to(dtype)
 
 
-def poison(t):
-    return t.fill_(float("nan"))
-
-
-_WORLDS = {}
-
-
-def world(W):
-    from tdcompile.kernels.symm import SimWorld
-    if W not in _WORLDS:
-        _WORLDS[W] = SimWorld(W)
-    return _WORLDS[W]
 
 
 def shapes(seed, n=N_CASES):
