@@ -154,6 +154,7 @@ class Workspace:
         self.pads = self.region("pads", PAD_CHANNELS * PAD_SLOTS * MAX_WORLD * 4)
         self.warmed: set = set()
         self.broken = False
+        self.phase_barrier = None   # set by ops.cuda for a first launch: called after phase 1 (preload)
 
     # -- symmetric regions (collective: same names and sizes in the same order on every rank)
     def region(self, name: str, nbytes: int) -> SymmAlloc:
@@ -229,6 +230,10 @@ def phased(gen_fn):
         if ws.sim is not None:
             return gen
         try:
+            next(gen)                   # phase 1: checks, allocations, preload (compile + load)
+            barrier = getattr(ws, "phase_barrier", None)
+            if barrier is not None:     # first launch of a variant: no rank launches a waiting
+                barrier()               # kernel while a peer is still compiling (ops.cuda sets it)
             while True:
                 next(gen)
         except StopIteration as e:

@@ -35,6 +35,7 @@ log = logging.getLogger("tdcompile.ops")
 RAN: collections.Counter = collections.Counter()
 """``(op, family that ran)`` -> number of calls."""
 _READY: dict[tuple, Optional[str]] = {}   # agreed first-call verdicts: None = ready, else the reason
+_LAUNCHED: set = set()                     # (op, impl, group, signature) launched at least once
 _NOTED: set = set()
 
 
@@ -141,12 +142,19 @@ def _run(op: str, impl: str, group_name: str, sig: tuple, fused: Callable, symm:
     fam = family(impl)
     if fam == "fused" and ready(op, impl, group_name, sig, check_fused):
         from tdcompile.kernels.symm import _Unsupported
+        ws = _workspace(group_name)
+        first = (op, impl, group_name, sig) not in _LAUNCHED
+        if first:   # every rank compiles the kernels before any launches one that waits on peers
+            ws.phase_barrier = lambda: measured.all_agree(True, group_name)
         try:
-            out = fused(_workspace(group_name))
+            out = fused(ws)
             RAN[(op, "fused")] += 1
             return out
         except _Unsupported as e:      # shape-only reasons (workspace size): the same on every rank
             _note(op, str(e))
+        finally:
+            ws.phase_barrier = None
+            _LAUNCHED.add((op, impl, group_name, sig))
     elif fam == "symm_mem" and ready(op, impl, group_name, sig, check_symm):
         out = symm()
         RAN[(op, "symm_mem")] += 1
