@@ -92,16 +92,7 @@ class TdistPass(CustomGraphPass):
             return
         stage[0] = "02 sequence_parallel"
         on_gpu = torch.cuda.is_available()
-        sp = sequence_parallel.decide(graph, opts, self.profile)
-        if on_gpu and opts.strategy == "auto" and sp.choice == "sequence_parallel":
-            sp = Decision("all_reduce", {}, "auto on a GPU decides from measurements only, and the measured "
-                                            "table has no whole-graph sequence-parallel entry: keeping all_reduce "
-                                            "(strategy='sequence_parallel' forces it)")
-        if sp.choice == "sequence_parallel":
-            sequence_parallel.rewrite(graph)
-            self._dump(graph, gid, "02.sequence_parallel.after")
 
-        stage[0] = "03 match"
         def decide(m) -> Decided:
             mm, n, k = m.mnk()
             table = measured.table(m.world_size) if on_gpu else None
@@ -109,9 +100,18 @@ class TdistPass(CustomGraphPass):
                                                 strategy=opts.strategy, profile=self.profile, table=table),
                            graph_id=gid)
 
+        if on_gpu and opts.strategy == "auto":
+            sp = measured_sequence_parallel(graph, opts, decide)
+        else:
+            sp = sequence_parallel.decide(graph, opts, self.profile)
+        if sp.choice == "sequence_parallel":
+            sequence_parallel.rewrite(graph)
+            self._dump(graph, gid, "02.sequence_parallel.after")
+
+        stage[0] = "03 match"
+
         rms = [decide(m) for m in find_all_reduce_rmsnorm_matches(graph)]
-        others = [decide(m) for m in find_all_gather_gemm_matches(graph) + find_gemm_reduce_scatter_matches(graph)
-                  + find_all_reduce_matches(graph)]
+        others = [decide(m) for m in _graph_matches(graph)]
         decided = _one_claim_per_all_reduce(rms, others)
         report = Report(matches=decided, graph_decisions=[(gid, sp)])
         self._dump_text(gid, "03.match.txt", str(report))
@@ -160,6 +160,51 @@ class TdistPass(CustomGraphPass):
         if d:
             with open(os.path.join(d, name), "w") as f:
                 f.write(text + "\n")
+
+
+def _graph_matches(graph: fx.Graph) -> list:
+    return (find_all_gather_gemm_matches(graph) + find_gemm_reduce_scatter_matches(graph)
+            + find_all_reduce_matches(graph))
+
+
+def measured_sequence_parallel(graph: fx.Graph, opts: Options, decide) -> Decision:
+    """Sequence parallel on a GPU under ``auto``: only when the measured table says so.
+
+    Both forms of the graph are costed from the table: every match's time under its decided
+    impl, summed, for the graph as it is and after the sequence-parallel rewrite (on a copy).
+    A match not in the table makes the comparison impossible: all_reduce stays. The rest of
+    the graph (row-local ops on 1/W of the rows under SP) is not counted, which only favours
+    keeping all_reduce."""
+    import copy
+    import dataclasses
+
+    possible = sequence_parallel.decide(graph, dataclasses.replace(opts, strategy="sequence_parallel"), None)
+    if possible.choice != "sequence_parallel":
+        return possible
+
+    def total(g):
+        t = 0.0
+        for m in _graph_matches(g):
+            d = decide(m)
+            if d.choice not in d.decision.candidates_us:
+                return None, m
+            t += d.decision.candidates_us[d.choice]
+        return t, None
+
+    base, miss = total(graph)
+    sp_graph = copy.deepcopy(graph)
+    sequence_parallel.rewrite(sp_graph)
+    sp_t, sp_miss = total(sp_graph)
+    if base is None or sp_t is None:
+        m = miss or sp_miss
+        return Decision("all_reduce", {}, f"sequence parallel not measured ({m.pattern} M,N,K={m.mnk()} is not in the "
+                                          "measured table; `tdcompile calibrate --sp` measures it): keeping all_reduce")
+    times = {"all_reduce": round(base, 1), "sequence_parallel": round(sp_t, 1)}
+    if sp_t < base * (1 - measured.TIE):
+        return Decision("sequence_parallel", times, f"measured matches {base / sp_t:.2f}x faster with sequence "
+                                                    "parallel", source="measured table")
+    return Decision("all_reduce", times, f"sequence parallel not measured more than {measured.TIE:.0%} faster",
+                    source="measured table")
 
 
 def _gain(d: Decided) -> float:

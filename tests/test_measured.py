@@ -156,3 +156,39 @@ def test_an_all_reduce_claimed_twice_goes_to_the_decision_that_saves_more():
     assert {id(d) for d in out} == {id(gemm), id(rms), id(lone)}
     assert gemm.choice == "fused:one_shot" and lone.choice == "fused:one_shot"        # 15.9 us > 5.8 us saved
     assert rms.choice == "unfused" and "goes to gemm_all_reduce" in rms.reason
+
+
+def _sp_toy(x, w1, w2):                                          # x [M, K]
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+    h = funcol.all_reduce(torch.mm(x, w1), "sum", dist.group.WORLD)          # row-parallel linear
+    return funcol.all_reduce(torch.mm(torch.relu(h), w2), "sum", dist.group.WORLD)
+
+
+def _sp_decision(times_of):
+    """measured_sequence_parallel on the toy graph, with a table given by ``times_of(pattern, mnk)``."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from tdcompile.backend import measured_sequence_parallel
+    from tdcompile.config import Options
+    from tdcompile.cost_model import Decision
+    from tdcompile.passes.match import Decided
+
+    def decide(m):
+        t = times_of(m.pattern, m.mnk())
+        if t is None:
+            return Decided(m, Decision("auto", {}, "not measured"))
+        return Decided(m, Decision(measured.choose(t)[0], t, "", "cached"))
+    gm = make_fx(_sp_toy, tracing_mode="fake")(torch.randn(64, 32), torch.randn(32, 16), torch.randn(16, 32))
+    return measured_sequence_parallel(gm.graph, Options(strategy="auto"), decide)
+
+
+def test_on_a_gpu_sequence_parallel_needs_every_match_of_both_forms_measured(fake_pg):
+    d = _sp_decision(lambda p, mnk: {"unfused": 10.0} if p == "gemm_all_reduce" else None)
+    assert d.choice == "all_reduce" and "not measured" in d.reason and "calibrate --sp" in d.reason
+
+
+@pytest.mark.parametrize("sp_us,expected", [(5.0, "sequence_parallel"), (9.0, "all_reduce")])
+def test_on_a_gpu_sequence_parallel_is_chosen_only_when_measured_faster(fake_pg, sp_us, expected):
+    # the all_reduce form: 2 gemm_all_reduce at 10 us; the SP form: every match at sp_us
+    d = _sp_decision(lambda p, mnk: {"unfused": 10.0} if p == "gemm_all_reduce" else {"unfused": sp_us})
+    assert d.choice == expected and d.candidates_us["all_reduce"] == 20.0
