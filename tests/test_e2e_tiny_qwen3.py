@@ -122,13 +122,14 @@ def test_auto_on_cpu_without_profile_keeps_collectives_and_says_why(results):
 
 
 @pytest.mark.slow
-def test_auto_with_a_gpu_profile_picks_the_cheaper_prediction_and_stays_correct(results):
+def test_auto_with_a_gpu_profile_fuses_only_where_predicted_cheaper_and_stays_correct(results):
     r = case(results, "hf_auto_h200_profile")
     ar = [m for m in r["matches"] if m["pattern"] in ALL_REDUCE_FAMILIES]
     assert len({m["module"] for m in ar}) >= 4                                     # every all_reduce site decided
     for m in r["matches"]:
         assert "unfused" in m["predicted_us"] and len(m["predicted_us"]) >= 2
-        assert m["choice"] == min(m["predicted_us"], key=m["predicted_us"].get)   # the cheaper prediction
+        pred = m["predicted_us"]                   # a fused choice only where predicted cheaper than unfused
+        assert m["choice"] in pred and (m["choice"] == "unfused" or pred[m["choice"]] < pred["unfused"])
         assert m["rewritten"] == (m["choice"] != "unfused")
     assert r["tdist_ops_after"] == sum(m["rewritten"] for m in r["matches"])
     assert r["max_diff_single"] <= TOL_FP32
