@@ -131,12 +131,15 @@ def test_checkpoint_loading(job):
 def test_bench_quick_end_to_end(job):
     b = job[0]["bench"]
     assert not b["errors"], b["errors"]
-    assert b["columns"] == ["eager", "inductor", "tdist"]  # async TP needs CUDA
+    assert b["columns"] == ["eager", "inductor", "bound", "tdist"]  # async TP needs CUDA
     assert len(b["rows"]) == 5
     for row in b["rows"]:
-        for col in ("eager TP ms", "inductor ms", "tdist ms"):
+        for col in ("eager TP ms", "inductor ms", "bound ms", "tdist ms"):
             assert isinstance(row[col], float) and row[col] > 0, row
         assert row["async-TP ms"] == "n/a"
+        assert row["gap closed"] == "n/a" or isinstance(row["gap closed"], float)
+        best = min(row["eager TP ms"], row["inductor ms"]) / row["tdist ms"]
+        assert row["vs best baseline"] == pytest.approx(best, rel=2e-2, abs=2e-3)
     assert job[0]["files"] == {"json": True, "png": True}
     saved = job[0]["saved"]
     assert saved["versions"]["torch"] == torch.__version__ and saved["command"] and saved["machine"]
