@@ -17,7 +17,7 @@ import torch.distributed as dist
 import tdcompile
 from tdcompile import backend, launch
 from tdcompile.report import Report
-from tdcompile.tp import build_model, build_tp_model, tiny_qwen3_config
+from tdcompile.tp import build_model, build_tp_model
 
 COLLECTIVES = ("_c10d_functional.all_reduce", "_c10d_functional.all_gather_into_tensor",
                "_c10d_functional.reduce_scatter_tensor")

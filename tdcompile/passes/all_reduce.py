@@ -17,13 +17,10 @@ folds.) After::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
-
 import torch.fx as fx
 
-from tdcompile.passes.graph_utils import (NoMatch, Gemm, c10d, check_dtype, concrete, emit, erase_dead,
-                                          aten, is_call, log, module_path, producer_gemm, reshape_arg,
-                                          shape, tdist, wait_of)
+from tdcompile.passes.graph_utils import (NoMatch, c10d, check_dtype, concrete, emit, erase_dead, aten, log,
+                                          module_path, producer_gemm, shape, tdist, wait_of)
 from tdcompile.passes.match import Match, SingleGemmMatch
 
 

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch.fx as fx
 
-from tdcompile.passes.graph_utils import (SPLITS, Gemm, NoMatch, aten, c10d, check_dtype, concrete, emit,
+from tdcompile.passes.graph_utils import (SPLITS, NoMatch, aten, c10d, check_dtype, concrete, emit,
                                           emit_getitem, erase_dead, is_call, log, module_path, producer_gemm,
                                           reshape_arg, shape, single_user, tdist, wait_of)
 from tdcompile.passes.match import Match, SingleGemmMatch

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 
 import torch
 import torch.distributed as dist
