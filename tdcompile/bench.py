@@ -19,237 +19,22 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import platform
 import sys
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from tdcompile.engine import Engine, Graphed, Timer
-from tdcompile.generate import add_model_args, model_setup, tdist_options
+from tdcompile import timing
+from tdcompile.bench_cases import (BASELINES, COLUMNS, HEADERS, Row, free_model, large_batch, plan_for,  # noqa: F401
+                                   prepare_row, rows_for, run_infer)
+from tdcompile.check import check
+from tdcompile.engine import Timer
+from tdcompile.generate import add_model_args, model_setup
 from tdcompile.models import build_sharded
-
-COLUMNS = ("eager", "inductor", "async_tp", "bound", "tdist")
-BASELINES = ("eager", "inductor", "async_tp")
-HEADERS = {"eager": "eager TP", "inductor": "inductor", "async_tp": "async-TP", "bound": "bound", "tdist": "tdist"}
-
-
-@dataclass
-class Row:
-    group: str          # mlp | attn | e2e | infer
-    name: str
-    batch: int          # sequences (MLP: 1)
-    seq: int            # tokens per sequence in this call (1 = decode; MLP: M)
-    ctx: int = 0        # tokens already in the cache (decode)
-    lm_head: bool = False
-    steps: int = 0      # decode steps (infer)
-    max_seq: int = 0    # cache length (e2e / infer)
-
-    @property
-    def decode(self) -> bool:
-        return self.seq == 1
-
-
-def rows_for(args, large: int) -> list[Row]:
-    c, n = args.ctx, args.steps
-    if args.quick:
-        return [Row("mlp", "MLP M=16", 1, 16), Row("attn", f"attn decode bsz=4 ctx={c}", 4, 1, c),
-                Row("e2e", f"E2E prefill 2x{c} +lm_head", 2, c, lm_head=True, max_seq=c),
-                Row("e2e", "E2E decode bsz=4 +lm_head", 4, 1, c, lm_head=True, max_seq=c + n),
-                Row("infer", f"inference 4x{c} + {n} steps", 4, c, lm_head=True, steps=n, max_seq=c + n)]
-    rows = [Row("mlp", "MLP M=128", 1, 128), Row("mlp", "MLP M=4096", 1, 4096),
-            Row("attn", f"attn prefill bsz=1 ctx={c}", 1, c), Row("attn", f"attn prefill bsz=32 ctx={c}", 32, c),
-            Row("attn", f"attn decode bsz=128 ctx={c}", 128, 1, c),
-            Row("attn", f"attn decode bsz={large} ctx={c}", large, 1, c)]
-    for head in (False, True):
-        tag = " +lm_head" if head else ""
-        rows += [Row("e2e", f"E2E prefill 1x{c}{tag}", 1, c, lm_head=head, max_seq=c),
-                 Row("e2e", f"E2E prefill 32x{c}{tag}", 32, c, lm_head=head, max_seq=c),
-                 Row("e2e", f"E2E decode bsz={large}{tag}", large, 1, c, lm_head=head, max_seq=c + 1),
-                 Row("e2e", f"E2E decode bsz=128{tag}", 128, 1, c, lm_head=head, max_seq=c + n)]
-    # shares the Engine (and the decode graph) of the row above
-    return rows + [Row("infer", f"inference 128x{c} + {n} steps", 128, c, lm_head=True, steps=n, max_seq=c + n)]
-
-
-def large_batch(args, config, device, world: int, copies: int = 1) -> int:
-    """Largest decode batch (<= 4096) whose KV cache (ctx + 1) and activations, ``copies`` times
-    (one per interleaved column), fit next to the model already on the device; the same on every rank."""
-    if args.large_batch or device.type != "cuda":
-        return args.large_batch or 8
-    free, _ = torch.cuda.mem_get_info(device)
-    kv = 2 * config.num_hidden_layers * (args.ctx + 1) * max(1, config.num_key_value_heads // world) \
-        * config.head_dim * 2                                                   # bytes per sequence
-    act = 2 * (4 * config.hidden_size + 3 * config.intermediate_size // world + 2 * config.vocab_size)
-    best = next((b for b in (4096, 2048, 1024, 512, 256) if copies * b * (kv + act) < 0.7 * free), 128)
-    t = torch.tensor([best], device=device)
-    if world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
-
-
-# ------------------------------------------------------------------ timing
-WARMUP_MS = 300.0
-ROUNDS = 5
-"""Interleaved rounds: the columns of a row take turns, so drift (clocks, heat) hits all alike."""
-
-
-def _agreed_int(n: int, timer: Timer) -> int:
-    t = torch.tensor([n], device="cuda" if timer.cuda else "cpu")
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)    # every rank runs the same number (collectives)
-    return int(t.item())
-
-
-def measure_interleaved(cases: dict, timer: Timer, iters: int) -> dict:
-    """``{column: median ms}`` for ``cases = {column: (fn, rewind, graph)}``, the max over ranks.
-
-    Each case is compiled/captured, then warmed for at least ``WARMUP_MS`` (at least 3 calls),
-    then the columns take turns for ``ROUNDS`` rounds of ``iters / ROUNDS`` timed calls (the
-    order rotating every round), so no column is measured cold or minutes apart from another."""
-    runs = {}
-    for col, (fn, rewind, graph) in cases.items():
-        rewind = rewind or (lambda: None)
-        if graph:
-            fn = Graphed(fn, reset=rewind).run
-        rewind()
-        fn()                                       # compile / capture
-        rewind()
-        a = timer.mark()
-        fn()
-        one = max(timer.ms(a, timer.mark()), 1e-3)
-        for _ in range(_agreed_int(min(200, max(3, int(WARMUP_MS / one))), timer)):
-            rewind()
-            fn()
-        runs[col] = (fn, rewind)
-    times = {c: [] for c in runs}
-    if not runs:
-        return {}
-    per = max(1, -(-iters // ROUNDS))
-    cols = list(runs)
-    for r in range(ROUNDS):
-        for c in cols[r % len(cols):] + cols[:r % len(cols)]:
-            fn, rewind = runs[c]
-            for _ in range(per):
-                rewind()
-                a = timer.mark()
-                fn()
-                times[c].append(timer.ms(a, timer.mark()))
-    device = torch.device("cuda" if timer.cuda else "cpu")
-    return {c: measure_values(t, device) for c, t in times.items()}
-
-
-def measure(fn, timer: Timer, iters: int, graph: bool, rewind=None) -> float:
-    """Median ms of one case (see ``measure_interleaved``)."""
-    return measure_interleaved({"_": (fn, rewind, graph)}, timer, iters)["_"]
-
-
-def measure_values(times: list, device) -> float:
-    """Median of ``times``, the max over ranks (the slowest rank sets the pace)."""
-    times = sorted(times)
-    med = torch.tensor([times[len(times) // 2]], dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(med, op=dist.ReduceOp.MAX)
-    return float(med.item())
-
-
-def compiler(column: str, args):
-    """(backend, options) of a column for torch.compile / Engine."""
-    if column == "eager":
-        return "eager", None
-    if column == "tdist":
-        return "tdist", tdist_options(args)
-    if column == "bound":   # every collective -> a no-op of the same shape: timing only
-        return "tdist", {**tdist_options(args), "strategy": "bound"}
-    if column.startswith("tdist:"):   # one strategy forced, e.g. "tdist:sequence_parallel"
-        return "tdist", {**tdist_options(args), "strategy": column.split(":", 1)[1]}
-    if column == "async_tp":
-        return "inductor", {"_micro_pipeline_tp": True}
-    return "inductor", None
-
-
-def plan_for(column: str, row: Row) -> str:
-    """HF plan for every column but async TP: sequence parallel where S can be sharded, plain
-    Megatron TP (``torch``) for S=1 decode and the inference loop (whose decode is S=1)."""
-    if column != "async_tp":
-        return "hf"
-    return "torch" if row.decode or row.group == "infer" else "torch_sp"
-
-
-def prepare_row(row: Row, column: str, model, args, ctx: dict):
-    """``(fn, rewind, graph)`` timing ``row`` under ``column`` (compiled lazily on first call)."""
-    backend, options = compiler(column, args)
-    device, world, rank = ctx["device"], ctx["world"], ctx["rank"]
-    gpu, cfg = device.type == "cuda", model.config
-    gen = torch.Generator().manual_seed(args.seed)
-    sp = plan_for(column, row) == "torch_sp"  # inputs are this rank's sequence chunk
-    comp = (lambda f: f) if backend == "eager" else \
-        (lambda f: torch.compile(f, backend=backend, options=options, fullgraph=True, dynamic=False))
-    if row.group in ("mlp", "attn"):
-        x = torch.randn(row.batch, row.seq, cfg.hidden_size, generator=gen).to(device, ctx["dtype"])  # [B, S, H]
-        x = x.chunk(world, dim=1)[rank].contiguous() if sp else x                                   # [B, S/w, H]
-    if row.group == "mlp":
-        mlp = comp(model.model.layers[0].mlp)
-        return (lambda: mlp(x)), None, gpu
-    if row.group == "attn":
-        from transformers import StaticCache
-
-        attn, rot = model.model.layers[0].self_attn, model.model.rotary_emb
-        pos = torch.arange(row.ctx, row.ctx + row.seq, device=device).expand(row.batch, -1)       # [B, S]
-        cache = None
-        if row.decode:  # layer 0 of a cache holding ctx tokens; slot ctx takes the new one
-            cache = StaticCache(config=cfg, max_cache_len=row.ctx + 1)
-            k = attn.k_proj.weight
-            k = k.to_local() if hasattr(k, "to_local") else k                                       # [kv*D, H]
-            cache.early_initialization(row.batch, k.shape[0] // cfg.head_dim, cfg.head_dim, k.dtype, device)
-
-        def step(x, pos):
-            return attn(hidden_states=x, position_embeddings=rot(x, pos), attention_mask=None,
-                        past_key_values=cache)[0]
-        step = comp(step)
-        rewind = (lambda: cache.layers[0].cumulative_length.fill_(row.ctx)) if cache is not None else None
-        return (lambda: step(x, pos)), rewind, gpu
-
-    engines = ctx.setdefault("engines", {})
-    key = (column, row.lm_head, row.max_seq, id(model))
-    if key not in engines:
-        for k in [k for k in engines if k[1:] != key[1:] or k[0] == column]:   # one engine config at a time
-            del engines[k]
-        gc.collect()
-        engines[key] = Engine(model, backend, options, max_batch=1 << 16, max_seq=row.max_seq, lm_head=row.lm_head)
-    eng: Engine = engines[key]
-    ids = torch.randint(0, cfg.vocab_size, (row.batch, row.seq), generator=gen).to(device)          # [B, S]
-    eng.cache(row.batch)
-    if not row.decode:
-        return (lambda: eng.prefill(ids)), (lambda: eng.seek(row.batch, 0)), False
-    eng.seek(row.batch, row.ctx)
-    if row.batch not in eng._ready:
-        eng.capture(row.batch)  # compiled, and captured in a CUDA graph on GPU
-    return (lambda: eng.decode(ids)), (lambda: eng.seek(row.batch, row.ctx)), False
-
-
-def run_infer(row: Row, column: str, model, args, ctx: dict) -> float:
-    """The inference row: prefill + ``row.steps`` decode steps, end to end."""
-    backend, options = compiler(column, args)
-    eng = Engine(model, backend, options, max_batch=row.batch, max_seq=row.max_seq, lm_head=True)
-    gen = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, model.config.vocab_size, (row.batch, row.seq), generator=gen).to(ctx["device"])
-    eng.generate(ids, row.steps + 1)  # compile + capture
-    runs = [eng.generate(ids, row.steps + 1) for _ in range(args.infer_runs)]
-    ctx["infer"][column] = runs[-1].summary()
-    return measure_values([r.prefill_ms + r.decode_ms for r in runs], ctx["device"])
-
-
-def free_model(ctx: dict) -> None:
-    ctx.pop("engines", None)
-    torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
+from tdcompile.timing import measure, measure_interleaved
 
 def versions() -> dict:
     import transformers
@@ -269,66 +54,6 @@ def machine(device) -> dict:
     if device.type == "cuda":
         m |= {"gpu": torch.cuda.get_device_name(device), "gpus": torch.cuda.device_count()}
     return m
-
-
-# ------------------------------------------------------------------ check
-def check(args, config, dtype, device, rank: int, world: int) -> dict:
-    """Last-position fp32 softmax after a prefill and after one decode step: tdist and eager TP
-    against each other and against a single-device (unsharded) reference on rank 0."""
-    gen = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, config.vocab_size, (args.check_batch, args.ctx), generator=gen).to(device)  # [B, S]
-
-    def run(model, backend, options=None):
-        eng = Engine(model, backend, options, max_batch=args.check_batch, max_seq=args.ctx + 1,
-                     cuda_graphs=args.cuda_graphs)
-        with torch.no_grad():
-            eng.cache(ids.shape[0]).reset()
-            first = eng.prefill(ids).float()                        # [B, V]
-            nxt = ctx_token if ctx_token is not None else first.argmax(-1)
-            return first.cpu(), eng.decode(nxt[:, None]).float().cpu(), nxt
-
-    ctx_token = None
-    model = build_sharded(config, "hf", dtype=dtype, device=device, seed=args.seed)
-    out = {"eager": run(model, "eager")}
-    ctx_token = out["eager"][2]
-    out["tdist"] = run(model, "tdist", tdist_options(args))
-    del model
-    free_model({})
-    need = sum(p.numel() for p in _meta_params(config)) * dtype.itemsize * 1.3
-    fits = device.type != "cuda" or torch.cuda.mem_get_info(device)[0] > need
-    if rank == 0 and fits:
-        ref = build_sharded(config, "none", dtype=dtype, device=device, seed=args.seed, progress=False)
-        out["reference"] = run(ref, "eager")
-        del ref
-        free_model({})
-    if world > 1:
-        dist.barrier()
-    res = {"layers": config.num_hidden_layers, "batch": args.check_batch, "ctx": args.ctx, "world": world,
-           "dtype": str(dtype).split(".")[-1], "reference": "single device" if "reference" in out else
-           "skipped: the unsharded model does not fit", "pairs": {}, "passed": True}
-    names = [n for n in ("tdist", "eager", "reference") if n in out]
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            for step, j in (("prefill", 0), ("decode", 1)):
-                pa, pb = out[a][j].softmax(-1), out[b][j].softmax(-1)                 # [B, V] fp32
-                ok = bool(torch.allclose(pa, pb, atol=2e-2, rtol=2e-2))
-                res["pairs"][f"{a} vs {b} ({step})"] = {
-                    "allclose_2e-2": ok, "max_abs_prob_diff": float((pa - pb).abs().max()),
-                    "max_abs_logit_diff": float((out[a][j] - out[b][j]).abs().max()),
-                    "argmax_agree": float((out[a][j].argmax(-1) == out[b][j].argmax(-1)).float().mean())}
-                res["passed"] &= ok
-    if world > 1:  # rank 0 alone saw the reference: every rank returns its verdict
-        box = [res]
-        dist.broadcast_object_list(box, src=0)
-        res = box[0]
-    return res
-
-
-def _meta_params(config):
-    from transformers import Qwen3ForCausalLM
-
-    with torch.device("meta"):
-        return list(Qwen3ForCausalLM(config).parameters())
 
 
 # ------------------------------------------------------------------ outputs
@@ -405,7 +130,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag", default=None, help="file-name tag (default: device name)")
     p.add_argument("--resume", default=None, help="a bench JSON to continue: its measured cells are kept, "
                                                   "the rest measured, all saved to that file")
-    p.add_argument("--warmup-ms", type=float, default=WARMUP_MS, help="minimum warm-up per case (ms)")
+    p.add_argument("--warmup-ms", type=float, default=timing.WARMUP_MS, help="minimum warm-up per case (ms)")
 
 
 def bench_main(args) -> dict:
@@ -425,8 +150,7 @@ def bench_main(args) -> dict:
     tag = args.tag or (meta["machine"].get("gpu", "cpu").replace("NVIDIA ", "").replace(" ", "-").lower())
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     stem = os.path.join(args.out, f"{'check' if args.check else 'bench'}-{tag}-tp{world}-{stamp}")
-    global WARMUP_MS
-    WARMUP_MS = args.warmup_ms
+    timing.WARMUP_MS = args.warmup_ms
     prior = {}
     if args.resume and not args.check:
         with open(args.resume) as f:
