@@ -21,8 +21,9 @@ import statistics
 import sys
 import time
 
-for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
-    os.environ[_k] = _v
+from tdcompile.launch import SAFE_ENV  # noqa: E402
+
+os.environ.update(SAFE_ENV)            # NVLink multicast stays off (forced, before any process group)
 os.environ.setdefault("TDCOMPILE_SPIN_TIMEOUT_S", "60")
 
 import torch  # noqa: E402

@@ -20,8 +20,9 @@ import socket
 import statistics
 import sys
 
-for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
-    os.environ[_k] = _v
+from tdcompile.launch import SAFE_ENV  # noqa: E402
+
+os.environ.update(SAFE_ENV)            # NVLink multicast stays off (forced, before any process group)
 
 import torch  # noqa: E402
 

@@ -311,7 +311,7 @@ def test_peer_never_arrives(op, variant):
 
 
 # ------------------------------------------------------------------------------ real processes
-ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+from tdcompile.launch import SAFE_ENV as ENV  # noqa: E402
 
 
 def _port():

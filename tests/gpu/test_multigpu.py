@@ -15,7 +15,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.multigpu
-ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+from tdcompile.launch import SAFE_ENV as ENV  # noqa: E402
 IMPLS = {
     "all_reduce": ["fused:one_shot", "fused:two_shot", "symm_mem:one_shot", "symm_mem:two_shot"],
     "gemm_all_reduce": ["fused", "fused:one_shot", "fused:two_shot", "symm_mem:one_shot", "symm_mem:two_shot"],
