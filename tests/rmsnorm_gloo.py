@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import subprocess
 import sys
 
-import pytest
 import torch
 import torch.distributed as dist
 
 import tdcompile
 
+import gloo_ranks
+
 from rmsnorm_toys import (B, H, S, W, NormOnFlattenedSum, ReshapedReduce, RowParallelResidualNorm, ToyDecoder,
                           compile_post_grad, toy_inputs, toy_model)
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def hf_models():
@@ -137,32 +134,12 @@ def _numerics_worker(rank: int, port: int, names: list) -> dict:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_ranks(names: list) -> list:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(rk), str(port), *names], cwd=REPO,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rk in range(W)]
+    return gloo_ranks.start(__file__, W, *names)
 
 
 def collect(procs: list) -> list[dict]:
-    results = []
-    for p in procs:
-        try:
-            stdout, stderr = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("gloo workers timed out")
-        lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-        assert p.returncode == 0 and lines, f"worker failed (rc={p.returncode}):\n{stderr[-4000:]}"
-        results.append(json.loads(lines[-1][len("RESULT "):]))
-    return results
+    return gloo_ranks.collect(procs, timeout=300)
 
 
 def run_ranks(names: list) -> list[dict]:

@@ -12,9 +12,6 @@ numerics of every rewrite on 2 gloo ranks (harness: ``toy_passes``).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,8 +22,9 @@ import tdcompile
 from tdcompile.backend import TdistPass
 from tdcompile.config import Options
 
+import gloo_ranks
 import toy_passes
-from toy_passes import (B, K, N, S, NUMERICS_CASES, REPO, W, all_gather, all_reduce, collectives, free_port,
+from toy_passes import (B, K, N, S, NUMERICS_CASES, W, all_gather, all_reduce, collectives,
                         make_tp_layer, mm_all_reduce_3d, r, reduce_scatter, rewrite, run_pass, tdist_ops,
                         tp_layer_inputs, trace)
 
@@ -244,23 +242,7 @@ def test_compiled_gemm_all_reduce_matches_eager_through_inductor(fake_pg):
 # ============================================================================ numerics on 2 gloo ranks
 @pytest.fixture(scope="module")
 def gloo_numerics():
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    worker = os.path.abspath(toy_passes.__file__)   # python tests/toy_passes.py RANK PORT
-    procs = [subprocess.Popen([sys.executable, worker, str(rk), str(port)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rk in range(W)]
-    results = []
-    for p in procs:
-        try:
-            stdout, stderr = p.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("gloo numerics workers timed out")
-        lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-        assert p.returncode == 0 and lines, f"worker failed (rc={p.returncode}):\n{stderr[-4000:]}"
-        results.append(json.loads(lines[-1][len("RESULT "):]))
-    return results
+    return gloo_ranks.collect(gloo_ranks.start(toy_passes.__file__, W), timeout=180)  # python tests/toy_passes.py RANK PORT
 
 
 @pytest.mark.parametrize("case", NUMERICS_CASES)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import socket
 import sys
 from collections import Counter
 
@@ -36,7 +34,6 @@ c10d = torch.ops._c10d_functional
 aten = torch.ops.aten
 W = 2  # world size of every toy graph
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ============================================================================ harness
@@ -314,12 +311,6 @@ def _numerics_worker(rank: int, port: int) -> dict:
     finally:
         dist.destroy_process_group()
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":   # numerics worker: python tests/toy_passes.py RANK PORT
