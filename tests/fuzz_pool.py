@@ -9,21 +9,15 @@ from __future__ import annotations
 import json
 import os
 import selectors
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from gloo_ranks import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FuzzPool:
@@ -35,7 +29,7 @@ class FuzzPool:
 
     # -- lifetime ----------------------------------------------------------------------------
     def start(self) -> None:
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.logs = [tempfile.TemporaryFile(mode="w+") for _ in range(WORLD)]
         self.procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "fuzz_worker.py"), str(rank), str(port)],

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 import traceback
 
@@ -15,15 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo_ranks import free_port
 
 WORLD = 2
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _generate(model, backend, options, prompt, **kw):
@@ -99,7 +93,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
 @pytest.fixture(scope="module")
 def job():
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(_free_port(), tmp), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(free_port(), tmp), nprocs=WORLD, join=True)
         outs = []
         for r in range(WORLD):
             with open(os.path.join(tmp, f"rank{r}.json")) as f:

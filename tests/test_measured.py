@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import torch.multiprocessing as mp
 
 from tdcompile import measured
 from tdcompile.measured import Key, bucket, choose
+from gloo_ranks import free_port
 
 ENV = {"gpu": "NVIDIA H100 80GB HBM3", "world": 2, "torch": "2.11.0", "tdcompile": "0.1.0", "triton": "3.6.0"}
 
@@ -59,12 +59,6 @@ def test_a_saved_table_loads_back_only_for_the_same_environment(tmp_path, monkey
 
 
 # ------------------------------------------------------------------ 2 gloo ranks
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, cache_root: str, q) -> None:
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -105,7 +99,7 @@ def _worker(rank: int, port: int, cache_root: str, q) -> None:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     ctx = mp.get_context("spawn")
-    q, port, root = ctx.Queue(), _port(), str(tmp_path_factory.mktemp("cache"))
+    q, port, root = ctx.Queue(), free_port(), str(tmp_path_factory.mktemp("cache"))
     procs = [ctx.Process(target=_worker, args=(r, port, root, q)) for r in range(2)]
     for p in procs:
         p.start()
