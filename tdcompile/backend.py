@@ -225,8 +225,10 @@ def _one_claim_per_all_reduce(rms: list, others: list) -> list:
         if o is None or d.choice == "unfused" or o.choice == "unfused":
             continue
         loser, winner = (d, o) if _gain(o) > _gain(d) else (o, d)
+        why = "which saves more" if max(_gain(o), _gain(d)) > 0 else \
+            "no measured saving tells them apart and the RMSNorm fusion covers more of the graph"
         loser.decision = Decision("unfused", loser.decision.candidates_us,
-                                  f"its all_reduce goes to {winner.pattern} ({winner.choice}), which saves more",
+                                  f"its all_reduce goes to {winner.pattern} ({winner.choice}): {why}",
                                   loser.decision.source)
     return rms + others
 

@@ -149,7 +149,7 @@ def test_an_all_reduce_claimed_twice_goes_to_the_decision_that_saves_more():
     out = _one_claim_per_all_reduce([rms, lone], [gemm])
     assert {id(d) for d in out} == {id(gemm), id(rms), id(lone)}
     assert gemm.choice == "fused:one_shot" and lone.choice == "fused:one_shot"        # 15.9 us > 5.8 us saved
-    assert rms.choice == "unfused" and "goes to gemm_all_reduce" in rms.reason
+    assert rms.choice == "unfused" and "goes to gemm_all_reduce (fused:one_shot): which saves more" in rms.reason
 
 
 def _sp_toy(x, w1, w2):                                          # x [M, K]
