@@ -178,7 +178,10 @@ def measured_sequence_parallel(graph: fx.Graph, opts: Options, decide) -> Decisi
     import copy
     import dataclasses
 
-    possible = sequence_parallel.decide(graph, dataclasses.replace(opts, strategy="sequence_parallel"), None)
+    try:
+        possible = sequence_parallel.decide(graph, dataclasses.replace(opts, strategy="sequence_parallel"), None)
+    except Exception as e:  # noqa: BLE001
+        return Decision("all_reduce", {}, f"sequence parallel not applicable ({type(e).__name__}: {e})")
     if possible.choice != "sequence_parallel":
         return possible
 
@@ -192,11 +195,18 @@ def measured_sequence_parallel(graph: fx.Graph, opts: Options, decide) -> Decisi
         return t, None
 
     base, miss = total(graph)
-    sp_graph = copy.deepcopy(graph)
-    sequence_parallel.rewrite(sp_graph)
-    sp_t, sp_miss = total(sp_graph)
-    if base is None or sp_t is None:
-        m = miss or sp_miss
+    if base is None:
+        return Decision("all_reduce", {}, f"sequence parallel not compared: {miss.pattern} M,N,K={miss.mnk()} is not "
+                                          "in the measured table yet: keeping all_reduce")
+    try:   # costing a hypothetical graph must never cost the fusions of the real one
+        sp_graph = copy.deepcopy(graph)
+        sequence_parallel.rewrite(sp_graph)
+        sp_t, sp_miss = total(sp_graph)
+    except Exception as e:  # noqa: BLE001
+        return Decision("all_reduce", {}, f"sequence parallel could not be costed ({type(e).__name__}: {e}): "
+                                          "keeping all_reduce")
+    if sp_t is None:
+        m = sp_miss
         return Decision("all_reduce", {}, f"sequence parallel not measured ({m.pattern} M,N,K={m.mnk()} is not in the "
                                           "measured table; `tdcompile calibrate --sp` measures it): keeping all_reduce")
     times = {"all_reduce": round(base, 1), "sequence_parallel": round(sp_t, 1)}
