@@ -37,7 +37,7 @@ case ${STAGE:-prep} in
     step "${BENCH_T:-520}" torchrun --nproc_per_node "$NP" -m tdcompile.bench --model qwen3-32b --layers 8 \
       --columns eager,inductor,async_tp,bound,tdist --cases "$CASES" --out "$OUT" ;;
   all)
-    TDCOMPILE_SPIN_TIMEOUT_S=5 step 130 python3 -m pytest -q -rs -p no:cacheprovider -m multigpu \
+    TDCOMPILE_SPIN_TIMEOUT_S=5 step "${TEST_T:-200}" python3 -m pytest -q -rs -p no:cacheprovider -m multigpu \
       tests/gpu/test_all_reduce_kernels.py tests/gpu/test_multigpu.py
     [[ -n ${SKIP_ARB:-} ]] || step 120 torchrun --nproc_per_node "$NP" benchmarks/bench_all_reduce.py --out "$OUT"
     calibrate
