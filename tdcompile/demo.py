@@ -87,12 +87,17 @@ def _print_report(report, args) -> None:
         say(f"\ngraphs of every stage written under {args.dump_dir}/rank<r>/graph<g>/")
 
 
+def _setup(command: str, device: torch.device, args: argparse.Namespace):
+    """(tdist options, the sharded model, its input ids) for ``command``, with the header printed."""
+    options = _options(args, device)
+    _header(command, args, device, options)
+    model = _build(device, args, args.plan)
+    return options, model, _input_ids(model, args, device)
+
+
 def inspect(device: torch.device, args: argparse.Namespace) -> None:
     """Print the rewrite report for the model/plan/strategy/profile of ``args``; no timing."""
-    options = _options(args, device)
-    _header("inspect", args, device, options)
-    model = _build(device, args, args.plan)
-    ids = _input_ids(model, args, device)
+    options, model, ids = _setup("inspect", device, args)
     report = _explain(model, ids, options)
     if device.type == "cuda" and _any_rank(any(d.choice == "auto" for d in report.matches)):
         pending = sum(d.choice == "auto" for d in report.matches)
@@ -108,10 +113,7 @@ def inspect(device: torch.device, args: argparse.Namespace) -> None:
 
 def demo(device: torch.device, args: argparse.Namespace) -> None:
     """The quick tour: rewrite report, then compiled vs eager (and timings on GPUs)."""
-    options = _options(args, device)
-    _header("demo", args, device, options)
-    model = _build(device, args, args.plan)
-    ids = _input_ids(model, args, device)
+    options, model, ids = _setup("demo", device, args)
     with torch.no_grad():
         eager = model(ids, use_cache=False).logits
     report = _explain(model, ids, options)

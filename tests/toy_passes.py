@@ -198,12 +198,18 @@ def make_tp_layer(b, s):
     return layer
 
 
-def tp_layer_inputs(b, s, seed=0, rank=0):
-    """Replicated inputs (residual, norm weight) equal on every rank; TP shards differ."""
+def _rep_and_shard(seed: int, rank: int):
+    """``(rep, shard)`` makers: ``rep`` gives the same values on every rank (replicated tensors),
+    ``shard`` this rank's own (TP shards, scaled by 1/sqrt(first dim))."""
     g = torch.Generator().manual_seed(seed)
     gr = torch.Generator().manual_seed(seed + 1000 * (rank + 1))
-    rep = lambda *sh: torch.randn(*sh, generator=g)  # noqa: E731
-    shard = lambda *sh: torch.randn(*sh, generator=gr) / sh[0] ** 0.5  # noqa: E731
+    return (lambda *sh: torch.randn(*sh, generator=g),
+            lambda *sh: torch.randn(*sh, generator=gr) / sh[0] ** 0.5)
+
+
+def tp_layer_inputs(b, s, seed=0, rank=0):
+    """Replicated inputs (residual, norm weight) equal on every rank; TP shards differ."""
+    rep, shard = _rep_and_shard(seed, rank)
     return (shard(b, s, KO), rep(b, s, H), shard(KO, H), rep(H), shard(H, I), shard(H, I), shard(I, H))
 
 
@@ -221,10 +227,7 @@ def make_two_tp_layers(b, s):
 
 
 def two_tp_layers_inputs(b, s, seed=0, rank=0):
-    g = torch.Generator().manual_seed(seed)
-    gr = torch.Generator().manual_seed(seed + 1000 * (rank + 1))
-    rep = lambda *sh: torch.randn(*sh, generator=g)  # noqa: E731
-    shard = lambda *sh: torch.randn(*sh, generator=gr) / sh[0] ** 0.5  # noqa: E731
+    rep, shard = _rep_and_shard(seed, rank)
     one = lambda: [shard(H, KO), shard(KO, H), rep(H), rep(H), shard(H, I), shard(H, I), shard(I, H)]  # noqa: E731
     return (rep(b, s, H), *one(), *one())
 
