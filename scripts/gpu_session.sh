@@ -5,7 +5,8 @@
 #                                             # all-reduce bench, measured table (calibrate --ship)
 #   STAGE=bench bash scripts/gpu_session.sh   # measured table (instant when shipped) + E2E bench:
 #                                             # eager, inductor, async-TP, bound, tdist in ONE run
-#   STAGE=all   bash scripts/gpu_session.sh   # both, shorter (for 4 GPUs in one call)
+#   STAGE=all   bash scripts/gpu_session.sh   # real-process tests, [all-reduce bench], calibrate,
+#                                             # inspect (report with measured candidates), bench
 set -uo pipefail
 OUT=${OUT:-/tmp/tdcompile_gpu}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -26,6 +27,14 @@ calibrate() {
     --model qwen3-32b --rows "${MS:-128,4096}" --ship --report "$OUT/calibrate-tp$NP.json" --out "$OUT/profile-tp$NP.json"
   cp tdcompile/profiles/measured/*w"$NP"*.json "$OUT/" 2>/dev/null
 }
+inspect() {   # the report on a GPU: every match with its candidates' measured microseconds
+  step "${INSPECT_T:-150}" torchrun --nproc_per_node "$NP" -m tdcompile inspect --model qwen3-32b --layers 2 \
+    --batch 32 --seq 128 --json "$OUT/inspect-tp$NP.json"
+}
+bench() {
+  step "${BENCH_T:-420}" torchrun --nproc_per_node "$NP" -m tdcompile.bench --model qwen3-32b --layers 8 \
+    --iters "${ITERS:-40}" --columns eager,inductor,async_tp,bound,tdist --cases "$CASES" --out "$OUT"
+}
 case ${STAGE:-prep} in
   prep)
     TDCOMPILE_SPIN_TIMEOUT_S=5 step "${TEST_T:-230}" python3 -m pytest -q -rs -p no:cacheprovider \
@@ -34,13 +43,12 @@ case ${STAGE:-prep} in
     calibrate ;;
   bench)
     calibrate
-    step "${BENCH_T:-520}" torchrun --nproc_per_node "$NP" -m tdcompile.bench --model qwen3-32b --layers 8 \
-      --columns eager,inductor,async_tp,bound,tdist --cases "$CASES" --out "$OUT" ;;
+    bench ;;
   all)
     TDCOMPILE_SPIN_TIMEOUT_S=5 step "${TEST_T:-200}" python3 -m pytest -q -rs -p no:cacheprovider -m multigpu \
       tests/gpu/test_all_reduce_kernels.py tests/gpu/test_multigpu.py
     [[ -n ${SKIP_ARB:-} ]] || step 120 torchrun --nproc_per_node "$NP" benchmarks/bench_all_reduce.py --out "$OUT"
     calibrate
-    step "${BENCH_T:-420}" torchrun --nproc_per_node "$NP" -m tdcompile.bench --model qwen3-32b --layers 8 \
-      --columns eager,inductor,async_tp,bound,tdist --cases "$CASES" --out "$OUT" ;;
+    [[ -n ${SKIP_INSPECT:-} ]] || inspect
+    bench ;;
 esac

@@ -65,7 +65,10 @@ class TdistPass(CustomGraphPass):
         snapshot.output(snapshot.graph_copy(graph, {}))          # shallow-meta copy of every node
         stage = ["00 input"]
         try:
-            self._run(graph, gid, stage)
+            if not self._run(graph, gid, stage):
+                # nothing decided: Inductor gets exactly the graph it handed over (normalize's
+                # edits undone), so an all-unfused tdist compiles to the same code as Inductor
+                _restore(graph, snapshot)
         except Exception as e:  # noqa: BLE001
             _restore(graph, snapshot)
             msg = f"tdist pass failed at stage {stage[0]!r} of graph {gid} ({type(e).__name__}: {e}); " \
@@ -74,7 +77,8 @@ class TdistPass(CustomGraphPass):
             for sink in _sinks:
                 sink.errors.append(msg)
 
-    def _run(self, graph: fx.Graph, gid: int, stage: list) -> None:
+    def _run(self, graph: fx.Graph, gid: int, stage: list) -> bool:
+        """The pipeline; returns whether it rewrote anything (False: the caller restores the input)."""
         opts = self.options
         before = self._dump(graph, gid, "00.input")
         stage[0] = "01 normalize"
@@ -89,7 +93,7 @@ class TdistPass(CustomGraphPass):
             after = self._dump(graph, gid, "04.bound.after")
             for sink in _sinks:
                 sink.graphs.append((before, after))
-            return
+            return True
         stage[0] = "02 sequence_parallel"
         on_gpu = torch.cuda.is_available()
 
@@ -117,17 +121,19 @@ class TdistPass(CustomGraphPass):
         self._dump_text(gid, "03.match.txt", str(report))
 
         stage[0] = "04 rewrite"
+        changed = sp.choice == "sequence_parallel"
         for d in decided:
             if d.choice != "unfused":
                 d.match.replace_with(graph, impl=d.choice)
-                d.rewritten = True
+                d.rewritten = changed = True
         graph.lint()
         after = self._dump(graph, gid, "04.rewrite.after")
         log.info("tdist graph %d:\n%s", gid, report)
         for sink in _sinks:
             sink.matches.extend(decided)
             sink.graph_decisions.append((gid, sp))
-            sink.graphs.append((before, after))
+            sink.graphs.append((before, after if changed else before))
+        return changed
 
     def uuid(self) -> Optional[str]:
         here = os.path.dirname(__file__)
@@ -261,6 +267,8 @@ def _restore(graph: fx.Graph, snapshot: fx.Graph) -> None:
     """Put ``snapshot``'s nodes back into ``graph`` (in place: Inductor holds ``graph``)."""
     for node in reversed(list(graph.nodes)):
         graph.erase_node(node)
+    if hasattr(fx.graph, "_Namespace") and hasattr(graph, "_graph_namespace"):
+        graph._graph_namespace = fx.graph._Namespace()     # the nodes get their old names back
     graph.output(graph.graph_copy(snapshot, {}))
 
 

@@ -34,6 +34,9 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"), help="activation dtype")
     p.add_argument("--report", default=None, help="write the measured entries and prediction errors to this JSON")
     p.add_argument("--ship", action="store_true", help="also write the table into tdcompile/profiles/measured/")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep table entries (cache or shipped) that have every candidate instead of measuring "
+                        "every shape afresh")
 
 
 def model_keys(config, world: int, ms: list, dtype, sp: bool = False) -> list:
@@ -56,13 +59,14 @@ def model_keys(config, world: int, ms: list, dtype, sp: bool = False) -> list:
     return sorted(set(keys), key=lambda k: k.id())
 
 
-def fill_table(keys: list, group_name: str, say=print) -> dict:
-    """Measure (or agree on cached) times of every key; returns ``{key id: (times, source)}``."""
+def fill_table(keys: list, group_name: str, say=print, reuse: bool = False) -> dict:
+    """Measure every key afresh (``reuse``: agree on cached entries that have every candidate);
+    returns ``{key id: (times, source)}``."""
     from tdcompile import measure, measured
     out = {}
     for i, key in enumerate(keys):
         times, source = measured.agreed_times(key, group_name, measure.candidates(key.op),
-                                              lambda key=key: measure.measure_key(key, group_name))
+                                              lambda key=key: measure.measure_key(key, group_name), fresh=not reuse)
         out[key.id()] = (times, source)
         best, why = measured.choose(times)
         say(f"[calibrate] {i + 1}/{len(keys)} {key.id():58s} {source:8s} -> {best:18s} "
@@ -203,7 +207,7 @@ def calibrate_main(args) -> None:
                           dtype, sp=args.sp)
         say(f"[calibrate] measuring {len(keys)} shapes of {args.model} at TP={dist.get_world_size()} "
             f"(every candidate, all ranks together, CUDA graphs)", flush=True)
-        entries = fill_table(keys, dist.group.WORLD.group_name, say)
+        entries = fill_table(keys, dist.group.WORLD.group_name, say, reuse=args.reuse)
         tab = mt.table(dist.get_world_size())
         if rank0:
             say(f"[calibrate] table saved to {tab.save()}")

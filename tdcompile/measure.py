@@ -29,9 +29,11 @@ REPLAYS = 15
 """Timed graph replays (after 3 untimed ones)."""
 
 CANDIDATES = {
-    "all_reduce": ["unfused", "fused:one_shot", "fused:two_shot", "symm_mem:one_shot", "symm_mem:two_shot"],
+    "all_reduce": ["unfused", "fused:one_shot", "fused:two_shot", "fused:lamport", "symm_mem:one_shot",
+                   "symm_mem:two_shot"],
     "gemm_all_reduce": ["unfused", "fused", "fused:one_shot", "fused:two_shot", "symm_mem:one_shot",
-                        "symm_mem:two_shot"],
+                        "symm_mem:two_shot", "fused:lamport", "fused:pipe2", "fused:pipe4", "fused:pipe2_nccl",
+                        "fused:pipe4_nccl"],
     "all_reduce_rmsnorm": ["unfused", "fused:one_shot", "fused:two_shot"],
     "all_gather_gemm": ["unfused", "fused", "symm_mem"],
     "gemm_reduce_scatter": ["unfused", "fused", "symm_mem"],

@@ -215,14 +215,15 @@ def max_over_ranks(times: dict, names: list, group_name: str) -> dict:
 _AGREED: dict[tuple, tuple[str, dict, str]] = {}
 
 
-def agreed_times(key: Key, group_name: str, candidates: list, measure_fn) -> tuple[dict, str]:
+def agreed_times(key: Key, group_name: str, candidates: list, measure_fn, fresh: bool = False) -> tuple[dict, str]:
     """Candidate times of ``key`` every rank agrees on (collective on first use of a key):
-    the table's entry if every rank has one, else a fresh measurement ``measure_fn()``."""
+    the table's entry if every rank has one with every candidate, else (or with ``fresh``) a
+    new measurement ``measure_fn()``, recorded in the table and the user cache."""
     ck = (key, group_name)
-    if ck in _AGREED:
+    if ck in _AGREED and not fresh:
         return _AGREED[ck][1], _AGREED[ck][2]
     tab = table(key.world)
-    hit = tab.lookup(key)
+    hit = None if fresh else tab.lookup(key)
     if all_agree(hit is not None and all(c in hit[0] for c in candidates), group_name):
         times, source = max_over_ranks(hit[0], candidates, group_name), hit[1]
     else:

@@ -61,3 +61,23 @@ def test_the_restored_graph_is_the_graph_before_the_pass(fake_pg, monkeypatch):
     gm.recompile()
     assert ops(gm.graph) == before and "tdist" not in gm.code       # the rewrite into tdist ops was undone
     torch.testing.assert_close(gm(x, w), x @ w)
+
+
+def test_a_graph_with_nothing_decided_goes_to_inductor_exactly_as_it_came(fake_pg):
+    """First law by construction: when every match stays unfused, the pass hands Inductor the
+    graph it received (normalize's view->reshape and copy removals undone), so tdist compiles
+    the same code as plain Inductor."""
+    import torch.fx as fx
+
+    def mm_view_all_reduce(x, w):                                   # x [M, K], w [K, N]
+        y = funcol.all_reduce(torch.mm(x, w), "sum", torch.distributed.group.WORLD)   # [M, N]
+        return y.view(2, -1, w.shape[1])                                              # [2, M/2, N]
+
+    x, w = torch.randn(8, 16), torch.randn(16, 4)
+    for strategy, expect_same in (("unfused", True), ("fused", False)):
+        gm = fx.experimental.proxy_tensor.make_fx(mm_view_all_reduce, tracing_mode="fake")(x, w)
+        before = gm.graph.python_code("self").src
+        assert "view" in before
+        backend.TdistPass(tdcompile.Options(strategy=strategy))(gm.graph)
+        gm.graph.lint()
+        assert (gm.graph.python_code("self").src == before) is expect_same, strategy

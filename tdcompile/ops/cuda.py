@@ -137,6 +137,16 @@ def _workspace(group_name: str):
     return symm.get_workspace(group_name)
 
 
+def _lamport_ready(ws, probe: torch.Tensor) -> Optional[str]:
+    """Why the Lamport all-reduce cannot take ``probe``'s shape, else None (its region is then
+    allocated: a collective, every rank here together)."""
+    from tdcompile.kernels.all_reduce_lamport import region, unsupported_reason
+    reason = unsupported_reason(ws, probe)
+    if reason is None:
+        region(ws)
+    return reason
+
+
 def _run(op: str, impl: str, group_name: str, sig: tuple, fused: Callable, symm: Callable, unfused: Callable,
          check_fused: Callable, check_symm: Callable):
     fam = family(impl)
@@ -171,10 +181,15 @@ def _all_reduce_cuda(x: torch.Tensor, group_name: str, impl: str = "auto") -> to
     impl = resolve("all_reduce", impl, group_name, m=x.numel() // max(n, 1), n=n, k=0, dtype=x.dtype)
 
     def fused(ws):
+        if variant(impl) == "lamport":
+            from tdcompile.kernels.all_reduce_lamport import all_reduce_lamport
+            return all_reduce_lamport(ws, x)
         from tdcompile.kernels import all_reduce as k
         return k.all_reduce(ws, x, variant=variant(impl)) if variant(impl) else k.all_reduce(ws, x)
 
     def check_fused():
+        if variant(impl) == "lamport":
+            return _lamport_ready(_workspace(group_name), x)
         from tdcompile.kernels.all_reduce import unsupported_reason
         return unsupported_reason(_workspace(group_name), x)
 
@@ -186,13 +201,22 @@ def _all_reduce_cuda(x: torch.Tensor, group_name: str, impl: str = "auto") -> to
 @torch.library.register_kernel("tdist::gemm_all_reduce", "cuda")
 def _gemm_all_reduce_cuda(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], group_name: str,
                           impl: str = "auto") -> torch.Tensor:
-    from tdcompile.ops import symm_mem as sm
+    from tdcompile.ops import overlap, symm_mem as sm
     impl = resolve("gemm_all_reduce", impl, group_name, m=a.shape[0], n=b.shape[1], k=a.shape[1], dtype=a.dtype)
 
     def fused(ws):
         if variant(impl) is None:     # the Triton GEMM + tile-wise all-reduce kernel
             from tdcompile.kernels.gemm_all_reduce import gemm_all_reduce
             return gemm_all_reduce(ws, a, b, bias)
+        if variant(impl) == "lamport":  # cuBLAS, then the barrier-free push all-reduce
+            from tdcompile.kernels.all_reduce_lamport import all_reduce_lamport
+            y = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+            return all_reduce_lamport(ws, y, out=y)
+        pipe = overlap.parse(variant(impl))
+        if pipe is not None:          # cuBLAS chunks overlapped with the all-reduce of the previous one
+            chunks, reducer = pipe
+            red = overlap.nccl_reducer(group_name) if reducer == "nccl" else overlap.tdist_reducer(ws)
+            return overlap.gemm_all_reduce(a, b, bias, chunks, red, ws.side)
         # zero copy: cuBLAS writes the GEMM output straight into this rank's symmetric
         # buffer, which the all-reduce kernel then reads in place (no copy-in pass)
         from tdcompile.kernels.all_reduce import all_reduce, symm_input
@@ -205,6 +229,18 @@ def _gemm_all_reduce_cuda(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch
         if variant(impl) is None:
             from tdcompile.kernels.gemm_all_reduce import unsupported_reason
             return unsupported_reason(ws, a, b, bias)
+        if variant(impl) == "lamport":
+            return _lamport_ready(ws, torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device))
+        pipe = overlap.parse(variant(impl))
+        if pipe is not None:
+            reason = overlap.unsupported_reason(a, b, variant(impl))
+            if reason is None and pipe[1] == "tdist":
+                from tdcompile.kernels.all_reduce import regions, unsupported_reason
+                lo, hi = overlap.chunk_bounds(a.shape[0], pipe[0])[0]
+                reason = unsupported_reason(ws, torch.empty((hi - lo, b.shape[1]), dtype=a.dtype, device=a.device))
+                if reason is None:
+                    regions(ws, b.shape[1], (hi - lo) * b.shape[1])     # allocate now (collective)
+            return reason
         from tdcompile.kernels.all_reduce import symm_input, unsupported_reason
         probe = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
         reason = unsupported_reason(ws, probe)

@@ -1,0 +1,112 @@
+"""GEMM -> all-reduce, pipelined over row chunks on two streams (the ``fused:pipe*`` variants).
+
+``gemm_all_reduce`` at prefill sizes spends 15-40% of its time in the all-reduce, which an
+unfused graph runs after the whole GEMM.  Split the M rows into ``chunks`` pieces: the GEMM of
+chunk i (cuBLAS, main stream) runs while chunk i-1 is all-reduced on a side stream, so only
+the last chunk's all-reduce is exposed::
+
+    main:  mm[0] ─ mm[1] ─ mm[2] ─ mm[3] ─────────── join
+    side:        ╰ ar[0] ╰ ar[1] ╰ ar[2] ╰ ar[3] ─╯
+
+Each ``mm[i]`` writes rows ``[lo, hi)`` of the output in place (``out=`` view: no copy) and
+records an event; the side stream waits for it and all-reduces those rows in place.  Two
+reducers (the variant's suffix):
+
+* ``pipe<C>``       -- tdcompile's two-shot all-reduce kernel (``kernels.all_reduce``) on
+  ``PIPE_CTAS`` CTAs, leaving the other SMs to the GEMM;
+* ``pipe<C>_nccl``  -- NCCL (``dist.all_reduce`` on the side stream).
+
+**Stream safety.**  The side stream first waits for the main stream (the inputs and every
+earlier collective are done) and the main stream waits for the side stream before the op
+returns, so nothing after the op sees a partial result and the side stream's all-reduces run
+one at a time (the all-reduce kernel's symmetric input area and flag counters are shared by
+every call: serial use keeps their invariants).  ``out`` is allocated on the main stream and
+used on the side stream only before the join, so the caching allocator never hands it out
+while the side stream still writes it.  All of it is CUDA-graph capturable (events and
+stream waits become graph edges).
+
+Whether any of this beats the unfused sequence is decided by measurement
+(``measure.CANDIDATES``): the variants are candidates of ``auto``, never defaults.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Optional
+
+import torch
+
+PIPE_CTAS = 32
+"""CTAs of the tdcompile all-reduce kernel while a GEMM runs beside it."""
+MIN_CHUNK_ROWS = 256
+"""Fewer rows per chunk than this and a GEMM chunk is too small to hide anything: not run."""
+ROW_ALIGN = 128
+"""Chunk boundaries fall on multiples of this many rows (cuBLAS tile friendly)."""
+VARIANT = re.compile(r"pipe(\d+)(_nccl)?$")
+
+
+def parse(variant: str) -> Optional[tuple[int, str]]:
+    """``"pipe4_nccl"`` -> ``(4, "nccl")``; ``"pipe2"`` -> ``(2, "tdist")``; else None."""
+    m = VARIANT.match(variant or "")
+    if not m or int(m.group(1)) < 2:
+        return None
+    return int(m.group(1)), ("nccl" if m.group(2) else "tdist")
+
+
+def chunk_bounds(m: int, chunks: int) -> Optional[list[tuple[int, int]]]:
+    """``chunks`` row ranges covering ``[0, m)``, aligned to ``ROW_ALIGN`` (the last takes the
+    remainder), or None if a chunk would have fewer than ``MIN_CHUNK_ROWS`` rows."""
+    step = -(-m // chunks)
+    step = -(-step // ROW_ALIGN) * ROW_ALIGN
+    bounds = [(lo, min(lo + step, m)) for lo in range(0, m, step)]
+    if len(bounds) != chunks or min(hi - lo for lo, hi in bounds) < MIN_CHUNK_ROWS:
+        return None
+    return bounds
+
+
+def unsupported_reason(a: torch.Tensor, b: torch.Tensor, variant: str) -> Optional[str]:
+    parsed = parse(variant)
+    if parsed is None:
+        return f"unknown pipelined variant {variant!r}"
+    if chunk_bounds(a.shape[0], parsed[0]) is None:
+        return f"M={a.shape[0]} too small for {parsed[0]} chunks of >= {MIN_CHUNK_ROWS} rows"
+    if a.dim() != 2 or b.dim() != 2:
+        return "pipelined gemm_all_reduce takes 2-D a and b"
+    return None
+
+
+def gemm_all_reduce(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], chunks: int,
+                    reduce_: Callable[[torch.Tensor], None], side: torch.cuda.Stream) -> torch.Tensor:
+    """``all_reduce(a @ b + bias)`` with the all-reduce of chunk i overlapping the GEMM of
+    chunk i+1; ``reduce_(rows)`` all-reduces a contiguous [rows, N] view in place on the
+    current stream (called with ``side`` current)."""
+    bounds = chunk_bounds(a.shape[0], chunks)
+    if bounds is None:
+        raise ValueError(f"gemm_all_reduce: M={a.shape[0]} cannot be split into {chunks} chunks")
+    main = torch.cuda.current_stream()
+    out = a.new_empty((a.shape[0], b.shape[1]))                                  # [M, N]
+    side.wait_stream(main)
+    for lo, hi in bounds:
+        rows = out[lo:hi]                                                        # [hi-lo, N] contiguous view
+        if bias is None:
+            torch.mm(a[lo:hi], b, out=rows)
+        else:
+            torch.addmm(bias, a[lo:hi], b, out=rows)
+        done = torch.cuda.Event()
+        done.record(main)
+        with torch.cuda.stream(side):
+            side.wait_event(done)
+            reduce_(rows)
+    main.wait_stream(side)
+    return out
+
+
+def nccl_reducer(group_name: str) -> Callable[[torch.Tensor], None]:
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    pg = _resolve_process_group(group_name)
+    return lambda rows: dist.all_reduce(rows, group=pg)
+
+
+def tdist_reducer(ws) -> Callable[[torch.Tensor], None]:
+    from tdcompile.kernels.all_reduce import all_reduce
+    return lambda rows: all_reduce(ws, rows, out=rows, variant="two_shot", ctas=PIPE_CTAS)
