@@ -45,8 +45,12 @@ case ${STAGE:-prep} in
     calibrate
     bench ;;
   all)
+    if [[ -n ${SIM_TESTS:-} ]]; then   # one-GPU simulated-rank tests of new kernels; a kernel that fails
+      TDCOMPILE_SPIN_TIMEOUT_S=5 step "${SIM_T:-150}" python3 -m pytest -q -rs -p no:cacheprovider -m gpu $SIM_TESTS \
+        || { export TDCOMPILE_SKIP_CANDIDATES=${SIM_SKIP:-fused:lamport}; echo "== skipping $TDCOMPILE_SKIP_CANDIDATES" | tee -a "$LOG"; }
+    fi                                  # them is left out of the measured table (SIM_SKIP)
     TDCOMPILE_SPIN_TIMEOUT_S=5 step "${TEST_T:-200}" python3 -m pytest -q -rs -p no:cacheprovider -m multigpu \
-      tests/gpu/test_all_reduce_kernels.py tests/gpu/test_multigpu.py
+      ${MG_TESTS:-tests/gpu/test_all_reduce_kernels.py tests/gpu/test_multigpu.py}
     [[ -n ${SKIP_ARB:-} ]] || step 120 torchrun --nproc_per_node "$NP" benchmarks/bench_all_reduce.py --out "$OUT"
     calibrate
     [[ -n ${SKIP_INSPECT:-} ]] || inspect

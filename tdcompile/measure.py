@@ -42,7 +42,12 @@ CANDIDATES = {
 
 
 def candidates(op: str) -> list:
-    return list(CANDIDATES.get(op, ["unfused"]))
+    """``CANDIDATES[op]`` minus those named in ``TDCOMPILE_SKIP_CANDIDATES`` (comma-separated
+    impls, e.g. ``fused:lamport``; set it the same on every rank -- torchrun passes the
+    environment to all of them); ``unfused`` is always kept."""
+    import os
+    skip = {c.strip() for c in os.environ.get("TDCOMPILE_SKIP_CANDIDATES", "").split(",")} - {"unfused"}
+    return [c for c in CANDIDATES.get(op, ["unfused"]) if c not in skip]
 
 
 def _inputs(key: measured.Key, rank: int) -> tuple:
@@ -119,7 +124,7 @@ def measure_key(key: measured.Key, group_name: str) -> dict:
     t0 = time.perf_counter()
     rank = dist.get_rank(measured._group(group_name))
     args = _inputs(key, rank)
-    ref = _call(key, "unfused", args, group_name)
+    expected = _call(key, "unfused", args, group_name)
     times = {}
     for c in candidates(key.op):
         ok, why = True, ""
@@ -131,7 +136,7 @@ def measure_key(key: measured.Key, group_name: str) -> dict:
             opc.check_errors(sync=False)
             if opc.RAN[(key.op, family(c))] < before + 2:
                 ok, why = False, "fell back to unfused"
-            elif not _close(out, ref):
+            elif not _close(out, expected):
                 ok, why = False, "result differs from unfused"
         except Exception as e:  # noqa: BLE001  (a candidate that cannot run is not chosen)
             ok, why = False, f"{type(e).__name__}: {str(e)[:200]}"
@@ -142,8 +147,8 @@ def measure_key(key: measured.Key, group_name: str) -> dict:
         if c == "unfused" and key.op == "all_reduce_rmsnorm":
             # Inductor runs NCCL + its own fused add+norm kernel; time only the NCCL all-reduce,
             # a lower bound of that, so a fused kernel must beat more than what Inductor runs
-            from tdcompile.ops import reference as ref
-            times[c] = graph_us(lambda: ref.all_reduce(args[0], group_name))
+            from tdcompile.ops import reference
+            times[c] = graph_us(lambda: reference.all_reduce(args[0], group_name))
             continue
         times[c] = graph_us(lambda: _call(key, c, args, group_name))
     log.info("tdist: measured %s in %.1f s: %s", key.id(), time.perf_counter() - t0,

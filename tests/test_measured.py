@@ -186,3 +186,13 @@ def test_on_a_gpu_sequence_parallel_is_chosen_only_when_measured_faster(fake_pg,
     # the all_reduce form: 2 gemm_all_reduce at 10 us; the SP form: every match at sp_us
     d = _sp_decision(lambda p, mnk: {"unfused": 10.0} if p == "gemm_all_reduce" else {"unfused": sp_us})
     assert d.choice == expected and d.candidates_us["all_reduce"] == 20.0
+
+
+def test_skipped_candidates_are_not_measured_but_unfused_always_is(monkeypatch):
+    from tdcompile import measure
+    monkeypatch.setenv("TDCOMPILE_SKIP_CANDIDATES", "fused:lamport, unfused,symm_mem:two_shot")
+    got = measure.candidates("all_reduce")
+    assert "fused:lamport" not in got and "symm_mem:two_shot" not in got
+    assert got[0] == "unfused" and "fused:one_shot" in got
+    monkeypatch.delenv("TDCOMPILE_SKIP_CANDIDATES")
+    assert measure.candidates("all_reduce") == measure.CANDIDATES["all_reduce"]
