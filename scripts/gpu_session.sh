@@ -44,6 +44,8 @@ case ${STAGE:-prep} in
   bench)
     calibrate
     bench ;;
+  rows)     # bench only, from the shipped / cached measured table (CASES selects the rows)
+    bench ;;
   all)
     if [[ -n ${SIM_TESTS:-} ]]; then   # one-GPU simulated-rank tests of new kernels; a kernel that fails
       TDCOMPILE_SPIN_TIMEOUT_S=5 step "${SIM_T:-150}" python3 -m pytest -q -rs -p no:cacheprovider -m gpu $SIM_TESTS \
