@@ -185,6 +185,25 @@ def main():
                                     args.calls, args.reps)
                     ws.check(sync=True)
                     record("all_reduce", M, impl, us, variant=variant, grid=eff, zero_copy=zc)
+        # ---- ours, Lamport (barrier-free push; small sizes only): grid x warps
+        from tdcompile.kernels import all_reduce_lamport as lam
+        if lam.unsupported_reason(ws, x) is None:
+            for nw in (4, 8, 16):
+                for g in grids:
+                    eff = lam.grid_size(ws, M * N, g, nw * 32 * lam.VEC)
+                    if ("lamport", nw, eff) in seen:
+                        continue
+                    seen.add(("lamport", nw, eff))
+                    impl = f"tdist_lamport_w{nw}_g{eff}"
+                    o = lam.all_reduce_lamport(ws, x, out=out, ctas=g, num_warps=nw)
+                    ws.check(sync=True)
+                    if not all_ok(rel_err(o, ref) < 1e-2 and ("one_shot" not in base or torch.equal(o, base["one_shot"]))):
+                        log0(f"  {impl}: WRONG result vs NCCL / one_shot, skipped")
+                        continue
+                    us = time_graph(lambda: lam.all_reduce_lamport(ws, x, out=out, ctas=g, num_warps=nw),
+                                    args.calls, args.reps)
+                    ws.check(sync=True)
+                    record("all_reduce", M, impl, us, variant="lamport", grid=eff, num_warps=nw)
         if all(v in base for v in arm.VARIANTS) and not all_ok(torch.equal(base["one_shot"], base["two_shot"])):
             log0("  NOTE: one_shot and two_shot results differ bitwise")
         # ---- all_reduce + residual + RMSNorm

@@ -39,11 +39,14 @@ case ${STAGE:-prep} in
   prep)
     TDCOMPILE_SPIN_TIMEOUT_S=5 step "${TEST_T:-230}" python3 -m pytest -q -rs -p no:cacheprovider \
       tests/gpu/test_all_reduce_kernels.py tests/gpu/test_multigpu.py
-    [[ -n ${SKIP_ARB:-} ]] || step 120 torchrun --nproc_per_node "$NP" benchmarks/bench_all_reduce.py --out "$OUT"
+    [[ -n ${SKIP_ARB:-} ]] || step 150 torchrun --nproc_per_node "$NP" benchmarks/bench_all_reduce.py --out "$OUT"
     calibrate ;;
   bench)
     calibrate
     bench ;;
+  arb)      # all-reduce kernel bench only (AR_ROWS rows x 5120)
+    step "${ARB_T:-200}" torchrun --nproc_per_node "$NP" benchmarks/bench_all_reduce.py --out "$OUT" \
+      --rows "${AR_ROWS:-128,4096}" ;;
   rows)     # bench only, from the shipped / cached measured table (CASES selects the rows)
     bench ;;
   all)
@@ -53,7 +56,7 @@ case ${STAGE:-prep} in
     fi                                  # them is left out of the measured table (SIM_SKIP)
     TDCOMPILE_SPIN_TIMEOUT_S=5 step "${TEST_T:-200}" python3 -m pytest -q -rs -p no:cacheprovider -m multigpu \
       ${MG_TESTS:-tests/gpu/test_all_reduce_kernels.py tests/gpu/test_multigpu.py}
-    [[ -n ${SKIP_ARB:-} ]] || step 120 torchrun --nproc_per_node "$NP" benchmarks/bench_all_reduce.py --out "$OUT"
+    [[ -n ${SKIP_ARB:-} ]] || step 150 torchrun --nproc_per_node "$NP" benchmarks/bench_all_reduce.py --out "$OUT"
     calibrate
     [[ -n ${SKIP_INSPECT:-} ]] || inspect
     bench ;;

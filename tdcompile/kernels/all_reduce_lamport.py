@@ -233,20 +233,21 @@ def region(ws: Workspace):
     return reg, CAP
 
 
-def grid_size(ws: Workspace, n: int, ctas: int | None = None) -> int:
-    """Pure function of (n, world, ctas, SM count, simulated or not): same on every rank."""
+def grid_size(ws: Workspace, n: int, ctas: int | None = None, block: int = BLOCK) -> int:
+    """Pure function of (n, world, ctas, block, SM count, simulated or not): same on every rank."""
     from tdcompile.kernels.tiles import num_sms
     limit = num_sms() if ws.sim is None else max(1, num_sms() // ws.world)
-    return max(1, min(triton.cdiv(n, BLOCK), ctas or DEFAULT_CTAS, limit, MAX_CTAS))
+    return max(1, min(triton.cdiv(n, block), ctas or DEFAULT_CTAS, limit, MAX_CTAS))
 
 
 @phased
 def all_reduce_lamport(ws: Workspace, x: torch.Tensor, out: torch.Tensor | None = None,
-                       ctas: int | None = None) -> torch.Tensor:
+                       ctas: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Sum of ``x`` over the ranks of ``ws`` (bf16/fp16, any shape, at most
     ``LAMPORT_MAX_BYTES``), one barrier-free kernel on the current stream.  ``out`` may be
     ``x`` (in place); ``ctas``: grid size (default ``DEFAULT_CTAS``, capped by the work), may
-    differ from call to call as long as it is the same on every rank."""
+    differ from call to call as long as it is the same on every rank; so may ``num_warps``
+    (default ``NUM_WARPS``; the chunk is ``num_warps * 256`` elements)."""
     ws.check()
     reason = unsupported_reason(ws, x)
     if reason:
@@ -263,8 +264,9 @@ def all_reduce_lamport(ws: Workspace, x: torch.Tensor, out: torch.Tensor | None 
     ctl = reg.local[:CTL_BYTES].view(torch.int32)
     args = (x, out, n8 if even else n, n8, reg.ptrs, ctl, cap // VEC, ws.err_addr, err_base(OP_ID, ws.rank),
             ws.rank, ws.timeout_us)
-    kw = dict(WORLD=ws.world, EVEN=even, BLOCK=BLOCK, MAXB=MAX_CTAS, DOFF=DATA_OFF, num_warps=NUM_WARPS)
-    grid = (grid_size(ws, n, ctas),)
+    nw = num_warps or NUM_WARPS           # chunk = one 16-B vector per thread per segment
+    kw = dict(WORLD=ws.world, EVEN=even, BLOCK=nw * 32 * VEC, MAXB=MAX_CTAS, DOFF=DATA_OFF, num_warps=nw)
+    grid = (grid_size(ws, n, ctas, nw * 32 * VEC),)
     from tdcompile.kernels.tiles import preload
     # compile + load before anything waits on a peer; both EVEN variants, so that a later size
     # change loads no module while this rank's previous kernel spins (simulated ranks)
