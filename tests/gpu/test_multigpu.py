@@ -2,8 +2,8 @@
 
 * Every implementation family of every op (``fused`` and its variants, ``symm_mem``) matches
   ``unfused`` (NCCL + cuBLAS) on random shapes -- and ``ops.cuda.RAN`` proves that the family
-  really ran (an op that silently fell back to NCCL would fail here); 1000 back-to-back calls
-  and 1000 CUDA-graph replays give the same bits; a peer that never arrives raises a
+  really ran (an op that silently fell back to NCCL would fail here); 200 back-to-back calls
+  and 200 CUDA-graph replays give the same bits; a peer that never arrives raises a
   RuntimeError naming op and rank.
 * A fault injected on one rank (its workspace cannot be created) makes EVERY rank run unfused
   -- no rank waits on a peer that fell back -- and the results stay right.
