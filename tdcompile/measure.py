@@ -38,7 +38,10 @@ CANDIDATES = {
     "all_gather_gemm": ["unfused", "fused", "symm_mem"],
     "gemm_reduce_scatter": ["unfused", "fused", "symm_mem"],
 }
-"""Candidate impls per op: a static list, the same on every rank (the order of the agreed vector)."""
+"""Candidate impls per op: a static list, the same on every rank (the order of the agreed vector).
+A new kernel joins only after it ran on a GPU: a candidate the shipped tables lack makes every
+first call of a shape re-measure it.  Not yet: ``fused:ce2`` / ``fused:ce4`` (gemm_all_reduce on
+the copy engine, ``kernels/gemm_all_reduce_ce.py``; its tests are written, not yet run)."""
 
 
 def candidates(op: str) -> list:

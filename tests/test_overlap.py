@@ -35,3 +35,9 @@ def test_unsupported_reason_names_the_shape():
     assert "M=128" in overlap.unsupported_reason(a, b, "pipe2")
     assert overlap.unsupported_reason(torch.empty(4096, 64), b, "pipe4_nccl") is None
     assert "unknown" in overlap.unsupported_reason(a, b, "pipe0")
+
+
+@pytest.mark.parametrize("name, chunks", [("ce2", 2), ("ce4", 4), ("ce16", 16), ("ce1", None), ("ce", None),
+                                          ("pipe4", None), ("ce4_nccl", None), (None, None)])
+def test_copy_engine_variant_names(name, chunks):
+    assert overlap.parse_ce(name) == chunks

@@ -212,6 +212,10 @@ def _gemm_all_reduce_cuda(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch
             from tdcompile.kernels.all_reduce_lamport import all_reduce_lamport
             y = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
             return all_reduce_lamport(ws, y, out=y)
+        ce = overlap.parse_ce(variant(impl))
+        if ce is not None:            # cuBLAS chunks, each reduced on the copy engine during the next
+            from tdcompile.kernels.gemm_all_reduce_ce import gemm_all_reduce_ce
+            return gemm_all_reduce_ce(ws, a, b, bias, overlap.chunk_bounds(a.shape[0], ce))
         pipe = overlap.parse(variant(impl))
         if pipe is not None:          # cuBLAS chunks overlapped with the all-reduce of the previous one
             chunks, reducer = pipe
@@ -231,6 +235,16 @@ def _gemm_all_reduce_cuda(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch
             return unsupported_reason(ws, a, b, bias)
         if variant(impl) == "lamport":
             return _lamport_ready(ws, torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device))
+        ce = overlap.parse_ce(variant(impl))
+        if ce is not None:
+            from tdcompile.kernels import gemm_all_reduce_ce as k
+            bounds = overlap.chunk_bounds(a.shape[0], ce)
+            if bounds is None:
+                return f"M={a.shape[0]} too small for {ce} chunks of >= {overlap.MIN_CHUNK_ROWS} rows"
+            reason = k.unsupported_reason(ws, a, b, bounds)
+            if reason is None:
+                k.regions(ws, b.shape[1], a.element_size())          # allocate now (collective)
+            return reason
         pipe = overlap.parse(variant(impl))
         if pipe is not None:
             reason = overlap.unsupported_reason(a, b, variant(impl))

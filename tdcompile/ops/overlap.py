@@ -16,6 +16,10 @@ reducers (the variant's suffix):
   ``PIPE_CTAS`` CTAs, leaving the other SMs to the GEMM;
 * ``pipe<C>_nccl``  -- NCCL (``dist.all_reduce`` on the side stream).
 
+Measured on 2xH200 / 4xH200 neither overlaps (both compete with cuBLAS for SMs):
+``benchmarks/NOTES-prefill-overlap.md``.  ``ce<C>`` uses the same row chunks but moves the
+bytes on the copy engine (``kernels/gemm_all_reduce_ce.py``).
+
 **Stream safety.**  The side stream first waits for the main stream (the inputs and every
 earlier collective are done) and the main stream waits for the side stream before the op
 returns, so nothing after the op sees a partial result and the side stream's all-reduces run
@@ -42,6 +46,7 @@ MIN_CHUNK_ROWS = 256
 ROW_ALIGN = 128
 """Chunk boundaries fall on multiples of this many rows (cuBLAS tile friendly)."""
 VARIANT = re.compile(r"pipe(\d+)(_nccl)?$")
+CE_VARIANT = re.compile(r"ce(\d+)$")
 
 
 def parse(variant: str) -> Optional[tuple[int, str]]:
@@ -50,6 +55,12 @@ def parse(variant: str) -> Optional[tuple[int, str]]:
     if not m or int(m.group(1)) < 2:
         return None
     return int(m.group(1)), ("nccl" if m.group(2) else "tdist")
+
+
+def parse_ce(variant: str) -> Optional[int]:
+    """``"ce4"`` -> 4 (the copy-engine schedule, ``kernels/gemm_all_reduce_ce.py``); else None."""
+    m = CE_VARIANT.match(variant or "")
+    return int(m.group(1)) if m and int(m.group(1)) >= 2 else None
 
 
 def chunk_bounds(m: int, chunks: int) -> Optional[list[tuple[int, int]]]:

@@ -19,7 +19,8 @@ from tdcompile.launch import SAFE_ENV as ENV  # noqa: E402
 IMPLS = {
     "all_reduce": ["fused:one_shot", "fused:two_shot", "fused:lamport", "symm_mem:one_shot", "symm_mem:two_shot"],
     "gemm_all_reduce": ["fused", "fused:one_shot", "fused:two_shot", "symm_mem:one_shot", "symm_mem:two_shot",
-                        "fused:lamport", "fused:pipe2", "fused:pipe4", "fused:pipe2_nccl", "fused:pipe4_nccl"],
+                        "fused:lamport", "fused:pipe2", "fused:pipe4", "fused:pipe2_nccl", "fused:pipe4_nccl",
+                        "fused:ce2", "fused:ce4"],
     "gemm_reduce_scatter": ["fused", "symm_mem"],
     "all_gather_gemm": ["fused", "symm_mem"],
 }
@@ -83,8 +84,9 @@ def _worker(rank, world, port, q, fault):
                     opc.check_errors()
                     ran = {f for (o, f), n in opc.RAN.items() if o == op and n > before.get((o, f), 0)}
                     expect = "unfused" if (fault and family(impl) == "fused") else family(impl)
-                    pipe = overlap.parse(impl.split(":")[-1])
-                    if pipe and overlap.chunk_bounds(M, pipe[0]) is None:   # too few rows: shape-only fallback
+                    v = impl.split(":")[-1]
+                    chunks = (overlap.parse(v) or (overlap.parse_ce(v), None))[0]
+                    if chunks and overlap.chunk_bounds(M, chunks) is None:   # too few rows: shape-only fallback
                         expect = "unfused"
                     if impl == "fused:lamport" and M * N * 2 > LAMPORT_MAX_BYTES:
                         expect = "unfused"                                     # too big for its buffers
