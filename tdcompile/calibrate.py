@@ -215,6 +215,7 @@ def calibrate_main(args) -> None:
                 path = os.path.join(mt._SHIPPED_DIR, mt.env_slug(tab.env) + ".json")
                 sub = mt.Table.__new__(mt.Table)
                 sub.env, sub.entries, sub.source = tab.env, {k: v for k, v in tab.entries.items()}, {}
+                sub.digests = {k: v for k, v in tab.digests.items() if k in sub.entries}
                 say(f"[calibrate] shipped table written to {sub.save(path)}")
     elif args.model:
         say("[calibrate] --model needs a process group of >= 2 GPUs (torchrun --nproc_per_node N)")

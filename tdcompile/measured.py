@@ -13,6 +13,11 @@ torch / triton / tdcompile versions, so a table is never used on another softwar
                    written by ``tdcompile calibrate`` and by first-call measurements (rank 0)
     shipped        tdcompile/profiles/measured/<env>.json (the measured H100 / H200 tables)
 
+**Stale entries.** Every newly measured candidate time is stored with a digest of the source
+files that implement it (``impl_digest``); an entry whose recorded digest differs from the
+code now installed is treated as missing and measured again (entries written before digests
+existed carry none and are kept).
+
 Decisions are agreed: at run time every rank max-reduces the candidate times of a key over
 the group before choosing (``agreed_times``), so all ranks pick the same implementation
 even if their cache files differ. Dynamic M uses the same table through ``bucket(M)``.
@@ -40,6 +45,45 @@ then 0.983x Inductor in two runs, and two identical graphs measured 1.018x apart
 such wins are inside the noise and may be losses. Wins of 22-45% (M=128, decode) held end to
 end (1.05-1.45x, graphed). Until a smaller win is shown above the noise, it is not taken."""
 _SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "profiles", "measured")
+
+
+_PKG = os.path.dirname(os.path.abspath(__file__))
+_DIGESTS: dict[tuple, str] = {}
+
+
+def impl_files(op: str, impl: str) -> list[str]:
+    """The package files (relative paths) whose code decides how fast ``impl`` runs ``op``."""
+    fam, var = impl.split(":", 1)[0], (impl.split(":", 1)[1] if ":" in impl else "")
+    if fam == "unfused":
+        return []                          # NCCL + cuBLAS: covered by the torch version in the env
+    if fam == "symm_mem":
+        return ["ops/symm_mem.py"]
+    base = ["ops/cuda.py", "kernels/symm.py", "kernels/signals.py"]
+    if var == "lamport":
+        return base + ["kernels/all_reduce_lamport.py"]
+    if var.startswith("pipe"):
+        return base + ["ops/overlap.py", "kernels/all_reduce.py"]
+    if var.startswith("ce"):
+        return base + ["ops/overlap.py", "kernels/gemm_all_reduce_ce.py"]
+    if var in ("one_shot", "two_shot"):
+        extra = ["kernels/all_reduce_rmsnorm.py"] if op == "all_reduce_rmsnorm" else []
+        return base + ["kernels/all_reduce.py"] + extra
+    return base + [f"kernels/{op}.py", "kernels/tiles.py"]
+
+
+def impl_digest(op: str, impl: str) -> str:
+    """12 hex digits over the files of ``impl_files`` ("" for unfused); cached per process."""
+    if (op, impl) not in _DIGESTS:
+        import hashlib
+        h = hashlib.sha256()
+        for rel in impl_files(op, impl):
+            try:
+                with open(os.path.join(_PKG, rel), "rb") as f:
+                    h.update(rel.encode() + b"\0" + f.read())
+            except OSError:
+                h.update(rel.encode() + b"\0missing")
+        _DIGESTS[(op, impl)] = h.hexdigest()[:12] if impl_files(op, impl) else ""
+    return _DIGESTS[(op, impl)]
 
 
 def bucket(m: int) -> int:
@@ -118,6 +162,7 @@ class Table:
         self.env = env
         self.entries: dict[str, dict[str, float]] = {}
         self.source: dict[str, str] = {}
+        self.digests: dict[str, dict[str, str]] = {}     # key id -> {impl: impl_digest at measurement}
         for where, d in (("shipped", _SHIPPED_DIR), ("cached", cache_dir())):   # cache overrides shipped
             self._load(os.path.join(d, env_slug(env) + ".json"), where)
 
@@ -133,29 +178,46 @@ class Table:
         for kid, times in data.get("entries", {}).items():
             self.entries[kid] = {c: float(t) for c, t in times.items()}
             self.source[kid] = where
+            self.digests[kid] = dict(data.get("digests", {}).get(kid, {}))
+
+    def stale(self, key: Key) -> list[str]:
+        """Candidates of ``key``'s entry measured with code other than what is installed now."""
+        kid = key.id()
+        return sorted(c for c, d in self.digests.get(kid, {}).items() if d != impl_digest(key.op, c))
 
     def lookup(self, key: Key) -> Optional[tuple[dict, str]]:
+        """``(times, source)``, or None if the key is missing or any candidate's code changed."""
         kid = key.id()
-        return (self.entries[kid], self.source[kid]) if kid in self.entries else None
+        if kid not in self.entries:
+            return None
+        bad = self.stale(key)
+        if bad:
+            log.info("tdist: measured entry %s is stale for %s (code changed): measuring again", kid, bad)
+            return None
+        return self.entries[kid], self.source[kid]
 
     def record(self, key: Key, times: dict, source: str = "measured") -> None:
         self.entries[key.id()] = dict(times)
         self.source[key.id()] = source
+        self.digests[key.id()] = {c: impl_digest(key.op, c) for c in times}
 
     def save(self, path: Optional[str] = None, meta: Optional[dict] = None) -> str:
         """Merge this table's entries into the user cache file (or ``path``)."""
         path = path or os.path.join(cache_dir(), env_slug(self.env) + ".json")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        old = {}
+        old, old_digests = {}, {}
         try:
             with open(path) as f:
-                old = json.load(f).get("entries", {})
+                prev = json.load(f)
+            old, old_digests = prev.get("entries", {}), prev.get("digests", {})
         except (OSError, ValueError):
             pass
         entries = {**old, **self.entries}
+        digests = {**old_digests, **{k: d for k, d in self.digests.items() if d}}
         data = {"env": self.env, **(meta or {}),
                 "entries": {k: {c: (round(t, 2) if math.isfinite(t) else "inf") for c, t in v.items()}
-                            for k, v in sorted(entries.items())}}
+                            for k, v in sorted(entries.items())},
+                "digests": {k: digests[k] for k in sorted(digests) if k in entries}}
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1)

@@ -142,7 +142,7 @@ def test_dynamic_m_is_left_to_the_op_on_a_gpu_and_unfused_without_one(h200):
 def _table(entries: dict, source="shipped"):
     from tdcompile import measured
     t = measured.Table.__new__(measured.Table)
-    t.env, t.entries, t.source = {}, {}, {}
+    t.env, t.entries, t.source, t.digests = {}, {}, {}, {}
     for key, times in entries.items():
         t.record(key, times, source)
     return t

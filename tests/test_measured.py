@@ -196,3 +196,44 @@ def test_skipped_candidates_are_not_measured_but_unfused_always_is(monkeypatch):
     assert got[0] == "unfused" and "fused:one_shot" in got
     monkeypatch.delenv("TDCOMPILE_SKIP_CANDIDATES")
     assert measure.candidates("all_reduce") == measure.CANDIDATES["all_reduce"]
+
+
+def test_an_entry_measured_with_other_kernel_code_is_measured_again(tmp_path, monkeypatch):
+    """Times are stored with a digest of the files implementing each candidate; when that code
+    changes the entry no longer counts (``lookup`` -> None: the next call measures afresh).
+    Entries written before digests existed carry none and still count."""
+    monkeypatch.setenv("TDCOMPILE_CACHE_DIR", str(tmp_path))
+    key = Key.of("all_reduce", m=128, n=5120, k=0, dtype=torch.bfloat16, world=2)
+    t = measured.Table(ENV)
+    t.record(key, {"unfused": 20.4, "fused:one_shot": 10.0, "fused:lamport": 8.0})
+    path = t.save()
+    with open(path) as f:
+        saved = json.load(f)
+    assert saved["digests"][key.id()]["unfused"] == ""                   # NCCL: the torch version keys it
+    assert saved["digests"][key.id()]["fused:lamport"] == measured.impl_digest("all_reduce", "fused:lamport")
+    assert measured.Table(ENV).lookup(key) is not None                   # same code: used
+    # the Lamport kernel's source changes (another digest): the entry is stale for that candidate
+    monkeypatch.setitem(measured._DIGESTS, ("all_reduce", "fused:lamport"), "0123456789ab")
+    again = measured.Table(ENV)
+    assert again.stale(key) == ["fused:lamport"] and again.lookup(key) is None
+    # a legacy entry (no digests) is kept
+    del saved["digests"]
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    assert measured.Table(ENV).lookup(key) is not None
+
+
+def test_each_candidate_is_keyed_by_the_files_that_implement_it():
+    files = measured.impl_files
+    assert files("all_reduce", "unfused") == []
+    assert "kernels/all_reduce_lamport.py" in files("all_reduce", "fused:lamport")
+    assert "kernels/all_reduce.py" not in files("all_reduce", "fused:lamport")
+    assert "kernels/all_reduce_rmsnorm.py" in files("all_reduce_rmsnorm", "fused:two_shot")
+    assert "ops/overlap.py" in files("gemm_all_reduce", "fused:pipe4_nccl")
+    assert "kernels/gemm_all_reduce_ce.py" in files("gemm_all_reduce", "fused:ce4")
+    assert "kernels/gemm_reduce_scatter.py" in files("gemm_reduce_scatter", "fused")
+    assert files("all_gather_gemm", "symm_mem") == ["ops/symm_mem.py"]
+    import os as _os
+    for op, impl in [("all_reduce", "fused:one_shot"), ("gemm_all_reduce", "fused"), ("all_gather_gemm", "fused")]:
+        for rel in files(op, impl):                                        # every named file exists
+            assert _os.path.exists(_os.path.join(measured._PKG, rel)), rel
