@@ -262,7 +262,7 @@ def bench_main(args) -> dict:
         if not todo:
             continue
         model = get_model("hf")
-        before = dict(opc.RAN)
+        before = dict(opc.RAN_IMPL)
         cases = {}
         with torch.no_grad():
             for column in todo:
@@ -281,7 +281,8 @@ def bench_main(args) -> dict:
                 errors[f"{row.name} / {','.join(cases)}"] = f"{type(e).__name__}: {str(e)[:300]}"
                 for column in cases:
                     cell(row, column, "error")
-        ran[row.name] = sorted(f"{op}:{fam}" for (op, fam), n in opc.RAN.items() if n > before.get((op, fam), 0))
+        ran[row.name] = sorted(f"{op}={impl}" for (op, impl), n in opc.RAN_IMPL.items()
+                               if n > before.get((op, impl), 0))
         ctx.pop("engines", None)
         torch._dynamo.reset()
         res = save(shown())

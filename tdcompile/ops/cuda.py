@@ -34,6 +34,9 @@ from tdcompile.ops import reference as ref
 log = logging.getLogger("tdcompile.ops")
 RAN: collections.Counter = collections.Counter()
 """``(op, family that ran)`` -> number of calls."""
+RAN_IMPL: collections.Counter = collections.Counter()
+"""``(op, impl that ran)`` -> number of calls, with the variant (``"fused:lamport"``; ``"unfused"``
+also counts fallbacks) -- what the bench records per row."""
 _READY: dict[tuple, Optional[str]] = {}   # agreed first-call verdicts: None = ready, else the reason
 _LAUNCHED: set = set()                     # (op, impl, group, signature) launched at least once
 _NOTED: set = set()
@@ -159,6 +162,7 @@ def _run(op: str, impl: str, group_name: str, sig: tuple, fused: Callable, symm:
         try:
             out = fused(ws)
             RAN[(op, "fused")] += 1
+            RAN_IMPL[(op, impl)] += 1
             return out
         except _Unsupported as e:      # shape-only reasons (workspace size): the same on every rank
             _note(op, str(e))
@@ -168,8 +172,10 @@ def _run(op: str, impl: str, group_name: str, sig: tuple, fused: Callable, symm:
     elif fam == "symm_mem" and ready(op, impl, group_name, sig, check_symm):
         out = symm()
         RAN[(op, "symm_mem")] += 1
+        RAN_IMPL[(op, impl)] += 1
         return out
     RAN[(op, "unfused")] += 1
+    RAN_IMPL[(op, "unfused")] += 1
     return unfused()
 
 

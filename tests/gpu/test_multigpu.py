@@ -79,7 +79,7 @@ def _worker(rank, world, port, q, fault):
             for op, impls in IMPLS.items():
                 ref = _call(op, "unfused", x, a, b, sh, g, W)
                 for impl in impls:
-                    before = dict(opc.RAN)
+                    before, before_impl = dict(opc.RAN), dict(opc.RAN_IMPL)
                     got = _call(op, impl, x, a, b, sh, g, W)
                     opc.check_errors()
                     ran = {f for (o, f), n in opc.RAN.items() if o == op and n > before.get((o, f), 0)}
@@ -91,6 +91,8 @@ def _worker(rank, world, port, q, fault):
                     if impl == "fused:lamport" and M * N * 2 > LAMPORT_MAX_BYTES:
                         expect = "unfused"                                     # too big for its buffers
                     assert ran == {expect}, (case, op, impl, ran)
+                    ran_impl = {i for (o, i), n in opc.RAN_IMPL.items() if o == op and n > before_impl.get((o, i), 0)}
+                    assert ran_impl == {impl if expect != "unfused" else "unfused"}, (case, op, impl, ran_impl)
                     assert rel(got, ref) <= 1e-2, (case, op, impl, M, N, K, rel(got, ref))
         if fault:
             q.put((rank, "ok"))
