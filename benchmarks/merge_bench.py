@@ -14,7 +14,10 @@ import sys
 
 
 def merge(paths: list[str]) -> dict:
-    runs = [(p, json.load(open(p))) for p in paths]
+    runs = []
+    for p in paths:
+        with open(p) as f:
+            runs.append((p, json.load(f)))
     base = dict(runs[0][1])
     for p, r in runs[1:]:
         for k in ("world", "model", "layers", "dtype"):
