@@ -90,6 +90,8 @@ def unsupported_reason(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bounds) 
         return f"dtypes {a.dtype}/{b.dtype} (bf16/fp16 only)"
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         return "a [M, K] @ b [K, N] only"
+    if b.shape[1] % 8:      # rows of 16-B multiples: one add-kernel specialisation, 128-bit accesses
+        return f"N={b.shape[1]} is not a multiple of 8"
     if a.shape[0] > ws.max_m:
         return f"M={a.shape[0]} > workspace max M {ws.max_m} (TDCOMPILE_MAX_M)"
     if not bounds or len(bounds) > MAX_CHUNKS:
@@ -123,7 +125,7 @@ def gemm_all_reduce_ce(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias: to
     q = max(hi - lo for s in slices for lo, hi in s)
     per = -(-max(q, 1) * N // 8) * 8                                              # 16-B aligned rows of stage
     stage = torch.empty((W, per), dtype=a.dtype, device=a.device)                 # [W, >= q*N]
-    even = N % 8 == 0
+    even = True                         # N % 8 == 0 (unsupported_reason): every slice 16-B aligned
     out = torch.empty((M, N), dtype=a.dtype, device=a.device)
     pad_stride = PAD_SLOTS * MAX_WORLD
     code = sig.error_code(OP_ID, r, sig.WHAT_BARRIER)

@@ -72,6 +72,20 @@ def test_row_slices_cover_each_chunk_once():
         assert all(a[1] == b[0] for a, b in zip(s, s[1:])) and all(x1 >= x0 for x0, x1 in s)
 
 
+@pytest.mark.gpu
+def test_unsupported_shapes_are_named():
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+    from tdcompile.kernels.gemm_all_reduce_ce import unsupported_reason
+    ws, bf = SimpleNamespace(max_m=4096), torch.bfloat16
+    a, b, bounds = torch.empty(512, 64, dtype=bf), torch.empty(64, 1024, dtype=bf), [(0, 256), (256, 512)]
+    assert unsupported_reason(ws, a, b, bounds) is None
+    assert "multiple of 8" in unsupported_reason(ws, a, torch.empty(64, 1001, dtype=bf), bounds)
+    assert "max M" in unsupported_reason(ws, torch.empty(8192, 64, dtype=bf), b, bounds)
+    assert "dtypes" in unsupported_reason(ws, a.float(), b, bounds)
+    assert "chunks" in unsupported_reason(ws, a, b, [])
+
+
 # ------------------------------------------------------------------------------ simulated ranks
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
