@@ -59,12 +59,13 @@ class FuzzPool:
         self.start()
 
     # -- cases -------------------------------------------------------------------------------
-    def run(self, seed: int) -> list[dict]:
-        """Both ranks' results for ``seed`` (``{"error": ...}`` for a rank that died or hung)."""
+    def run(self, seed: int, strategy: str | None = None) -> list[dict]:
+        """Both ranks' results for ``seed`` (``{"error": ...}`` for a rank that died or hung);
+        ``strategy`` overrides the case's."""
         if not self.procs:
             self.start()
         for p in self.procs:
-            p.stdin.write(f"{seed}\n")
+            p.stdin.write(f"{seed} {strategy}\n" if strategy else f"{seed}\n")
             p.stdin.flush()
         answers = self._read_all(self.case_timeout_s)
         results = []

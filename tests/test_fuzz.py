@@ -6,7 +6,8 @@ and a dynamic setting). For every case and rank: the compile succeeds, the backe
 fall back to the unrewritten graph ("tdist pass failed" warning), the rewrite report renders,
 and every output equals eager within 1e-4 (relative to its scale).
 
-* default suite: the fast slice, ``FAST_SEEDS`` (50 cases, about a minute);
+* default suite: the fast slice, ``FAST_SEEDS`` (50 cases, about a minute), and ``BOUND_SEEDS``
+  under ``strategy="bound"`` (shapes and dtypes only: its values are not valid);
 * ``-m fuzz``: ``FUZZ_SEEDS`` (600 cases), run by ``.ci/run``;
 * replay one case: ``TDIST_FUZZ_SEED=<seed> python3 -m pytest -q -p no:cacheprovider tests/test_fuzz.py``
   (also comma-separated seeds); ``python3 tests/fuzz_programs.py <seed>`` prints its program.
@@ -22,6 +23,7 @@ from fuzz_pool import FuzzPool
 from fuzz_programs import COLLECTIVE_OPS, STRATEGIES, make_case
 
 FAST_SEEDS = list(range(50))
+BOUND_SEEDS = list(range(10))
 FUZZ_SEEDS = list(range(1000, 1600))
 REPLAY = [int(s) for s in os.environ.get("TDIST_FUZZ_SEED", "").replace(",", " ").split()]
 SEEN: dict[int, list] = {}     # seed -> both ranks' results, for the coverage checks at the end
@@ -35,12 +37,13 @@ def fuzz_pool():
     pool.close()
 
 
-def check_case(pool: FuzzPool, seed: int) -> None:
-    results = pool.run(seed)
-    SEEN[seed] = results
+def check_case(pool: FuzzPool, seed: int, strategy: str | None = None) -> None:
+    results = pool.run(seed, strategy)
+    if strategy is None:
+        SEEN[seed] = results
     case = make_case(seed)
     replay = (f"replay: TDIST_FUZZ_SEED={seed} python3 -m pytest -q -p no:cacheprovider tests/test_fuzz.py\n"
-              f"{case.describe()}")
+              f"{case.describe()}" + (f"\n(strategy overridden: {strategy!r})" if strategy else ""))
     for rank, r in enumerate(results):
         assert not r["fallback"], f"rank {rank}: the pass fell back to the unrewritten graph: {r['fallback']}\n{replay}"
         assert not r["error"], f"rank {rank}: {r['error']}\n{r.get('stderr', '')}\n{replay}"
@@ -50,6 +53,13 @@ def check_case(pool: FuzzPool, seed: int) -> None:
 @pytest.mark.parametrize("seed", REPLAY or FAST_SEEDS)
 def test_random_program_compiles_without_fallback_and_equals_eager(fuzz_pool, seed):
     check_case(fuzz_pool, seed)
+
+
+@pytest.mark.parametrize("seed", BOUND_SEEDS)
+def test_bound_compiles_every_program_to_outputs_of_the_right_shapes(fuzz_pool, seed):
+    """``strategy="bound"`` (every collective a no-op: a timing bound, values NOT valid) never
+    fails a compile and keeps every output's shape and dtype."""
+    check_case(fuzz_pool, seed, "bound")
 
 
 @pytest.mark.fuzz
