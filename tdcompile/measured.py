@@ -59,6 +59,8 @@ def impl_files(op: str, impl: str) -> list[str]:
     if fam == "symm_mem":
         return ["ops/symm_mem.py"]
     base = ["ops/cuda.py", "kernels/symm.py", "kernels/signals.py"]
+    if op == "gemm_all_reduce":
+        base.append("ops/gemm_all_reduce.py")          # the variant dispatch of that op
     if var == "lamport":
         return base + ["kernels/all_reduce_lamport.py"]
     if var.startswith("pipe"):

@@ -207,72 +207,15 @@ def _all_reduce_cuda(x: torch.Tensor, group_name: str, impl: str = "auto") -> to
 @torch.library.register_kernel("tdist::gemm_all_reduce", "cuda")
 def _gemm_all_reduce_cuda(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], group_name: str,
                           impl: str = "auto") -> torch.Tensor:
-    from tdcompile.ops import overlap, symm_mem as sm
+    from tdcompile.ops import gemm_all_reduce as gar, symm_mem as sm
     impl = resolve("gemm_all_reduce", impl, group_name, m=a.shape[0], n=b.shape[1], k=a.shape[1], dtype=a.dtype)
-
-    def fused(ws):
-        if variant(impl) is None:     # the Triton GEMM + tile-wise all-reduce kernel
-            from tdcompile.kernels.gemm_all_reduce import gemm_all_reduce
-            return gemm_all_reduce(ws, a, b, bias)
-        if variant(impl) == "lamport":  # cuBLAS, then the barrier-free push all-reduce
-            from tdcompile.kernels.all_reduce_lamport import all_reduce_lamport
-            y = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
-            return all_reduce_lamport(ws, y, out=y)
-        ce = overlap.parse_ce(variant(impl))
-        if ce is not None:            # cuBLAS chunks, each reduced on the copy engine during the next
-            from tdcompile.kernels.gemm_all_reduce_ce import gemm_all_reduce_ce
-            return gemm_all_reduce_ce(ws, a, b, bias, overlap.chunk_bounds(a.shape[0], ce))
-        pipe = overlap.parse(variant(impl))
-        if pipe is not None:          # cuBLAS chunks overlapped with the all-reduce of the previous one
-            chunks, reducer = pipe
-            red = overlap.nccl_reducer(group_name) if reducer == "nccl" else overlap.tdist_reducer(ws)
-            return overlap.gemm_all_reduce(a, b, bias, chunks, red, ws.side)
-        # zero copy: cuBLAS writes the GEMM output straight into this rank's symmetric
-        # buffer, which the all-reduce kernel then reads in place (no copy-in pass)
-        from tdcompile.kernels.all_reduce import all_reduce, symm_input
-        buf = symm_input(ws, (a.shape[0], b.shape[1]), a.dtype)           # [M, N] symmetric
-        torch.mm(a, b, out=buf) if bias is None else torch.addmm(bias, a, b, out=buf)
-        return all_reduce(ws, buf, variant=variant(impl))
-
-    def check_fused():
-        ws = _workspace(group_name)
-        if variant(impl) is None:
-            from tdcompile.kernels.gemm_all_reduce import unsupported_reason
-            return unsupported_reason(ws, a, b, bias)
-        if variant(impl) == "lamport":
-            return _lamport_ready(ws, torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device))
-        ce = overlap.parse_ce(variant(impl))
-        if ce is not None:
-            from tdcompile.kernels import gemm_all_reduce_ce as k
-            bounds = overlap.chunk_bounds(a.shape[0], ce)
-            if bounds is None:
-                return f"M={a.shape[0]} too small for {ce} chunks of >= {overlap.MIN_CHUNK_ROWS} rows"
-            reason = k.unsupported_reason(ws, a, b, bounds)
-            if reason is None:
-                k.regions(ws, b.shape[1], a.element_size())          # allocate now (collective)
-            return reason
-        pipe = overlap.parse(variant(impl))
-        if pipe is not None:
-            reason = overlap.unsupported_reason(a, b, variant(impl))
-            if reason is None and pipe[1] == "tdist":
-                from tdcompile.kernels.all_reduce import regions, unsupported_reason
-                lo, hi = overlap.chunk_bounds(a.shape[0], pipe[0])[0]
-                reason = unsupported_reason(ws, torch.empty((hi - lo, b.shape[1]), dtype=a.dtype, device=a.device))
-                if reason is None:
-                    regions(ws, b.shape[1], (hi - lo) * b.shape[1])     # allocate now (collective)
-            return reason
-        from tdcompile.kernels.all_reduce import symm_input, unsupported_reason
-        probe = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
-        reason = unsupported_reason(ws, probe)
-        if reason is None:
-            symm_input(ws, probe.shape, a.dtype)           # allocate the regions now (collective)
-        return reason
-
     shape = (a.shape[0], b.shape[1])
-    return _run("gemm_all_reduce", impl, group_name, _sig(a, b, bias), fused,
+    return _run("gemm_all_reduce", impl, group_name, _sig(a, b, bias),
+                lambda ws: gar.run(variant(impl), ws, a, b, bias, group_name),
                 lambda: sm.gemm_all_reduce(a, b, bias, group_name, variant(impl)),
                 lambda: ref.gemm_all_reduce(a, b, bias, group_name),
-                check_fused, lambda: sm.prepare_all_reduce(shape, a.dtype, group_name))
+                lambda: gar.prepare(variant(impl), _workspace(group_name), a, b, bias),
+                lambda: sm.prepare_all_reduce(shape, a.dtype, group_name))
 
 
 @torch.library.register_kernel("tdist::all_gather_gemm", "cuda")
