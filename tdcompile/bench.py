@@ -32,7 +32,7 @@ from tdcompile.bench_cases import (BASELINES, COLUMNS, HEADERS, Row, free_model,
                                    prepare_row, rows_for, run_infer)
 from tdcompile.check import check
 from tdcompile.engine import Timer
-from tdcompile.generate import add_model_args, model_setup
+from tdcompile.generate import add_model_args, model_setup, positive_int
 from tdcompile.models import build_sharded
 from tdcompile.timing import measure, measure_interleaved
 
@@ -131,6 +131,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, help="a bench JSON to continue: its measured cells are kept, "
                                                   "the rest measured, all saved to that file")
     p.add_argument("--warmup-ms", type=float, default=timing.WARMUP_MS, help="minimum warm-up per case (ms)")
+    p.add_argument("--rounds", type=positive_int, default=timing.ROUNDS,
+                   help="interleaved rounds per row: the columns take turns this many times (more = less drift)")
 
 
 def bench_main(args) -> dict:
@@ -151,6 +153,7 @@ def bench_main(args) -> dict:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     stem = os.path.join(args.out, f"{'check' if args.check else 'bench'}-{tag}-tp{world}-{stamp}")
     timing.WARMUP_MS = args.warmup_ms
+    timing.ROUNDS = args.rounds
     prior = {}
     if args.resume and not args.check:
         with open(args.resume) as f:
