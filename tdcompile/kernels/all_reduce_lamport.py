@@ -67,7 +67,7 @@ WHAT_LAMPORT = 6                      # (literal in the kernel) not a barrier: W
 REGION = "ar.lamport"
 LAMPORT_MAX_BYTES = 4 << 20           # per-rank input
 CAP = LAMPORT_MAX_BYTES // 2          # elements per segment (multiple of 8)
-MAX_CTAS = 64
+MAX_CTAS = 128                        # control entries = largest grid (the W=4 sweep reaches 128)
 CTL_BYTES = 4096                      # control area (2 * MAX_CTAS int32), page-sized
 DATA_OFF = CTL_BYTES // 2             # data area offset in 16-bit words (multiple of 8)
 VEC = 8

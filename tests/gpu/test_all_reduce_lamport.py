@@ -65,12 +65,13 @@ def sizes(seed, n=N_CASES):
     return fixed + [(rnd.randint(1, 200), rnd.choice([7, 64, 100, 1032, 4096, 5120, 8192])) for _ in range(n)]
 
 
-def _loop(ws, xs, outs, ctas):
-    """Per-rank generator: back-to-back calls on this rank's stream, no host sync."""
+def _loop(ws, xs, outs, ctas, warps=None):
+    """Per-rank generator: back-to-back calls on this rank's stream, no host sync; grid and
+    chunk size (``num_warps``) may change from call to call (the same on every rank)."""
     from tdcompile.kernels.all_reduce_lamport import all_reduce_lamport
     got = []
-    for x, o, c in zip(xs, outs, ctas):
-        got.append((yield from all_reduce_lamport(ws, x, out=o, ctas=c)))
+    for x, o, c, w in zip(xs, outs, ctas, warps or [None] * len(xs)):
+        got.append((yield from all_reduce_lamport(ws, x, out=o, ctas=c, num_warps=w)))
     return got
 
 
@@ -136,12 +137,13 @@ def test_back_to_back_varying_sizes(W, dtype):
     shapes = shapes + shapes[::-1]
     xs = [rank_inputs(s, W, dtype, seed=1000 * W + i) for i, s in enumerate(shapes)]
     outs = [[poison(torch.empty(s, device="cuda", dtype=dtype)) for s in shapes] for _ in range(W)]
-    ctas = [rnd.choice([None, None, 1, 3, 8, 64]) for _ in shapes]
-    sim.run(lambda ws, xl, ol: _loop(ws, xl, ol, ctas), [([x[r] for x in xs], outs[r]) for r in range(W)])
+    ctas = [rnd.choice([None, None, 1, 3, 8, 64, 128]) for _ in shapes]
+    warps = [rnd.choice([None, 4, 8, 16]) for _ in shapes]
+    sim.run(lambda ws, xl, ol: _loop(ws, xl, ol, ctas, warps), [([x[r] for x in xs], outs[r]) for r in range(W)])
     sim.check()
     for i, s in enumerate(shapes):
         for r in range(W):
-            check(outs[r][i], xs[i], dtype, (i, s, r, ctas[i]))
+            check(outs[r][i], xs[i], dtype, (i, s, r, ctas[i], warps[i]))
     # the same again, one call per sim.run (host between calls), default output
     for i, s in enumerate(shapes[:10]):
         xi = rank_inputs(s, W, dtype, seed=7 + i)
