@@ -103,10 +103,13 @@ def test_back_to_back_calls_match_the_rank_order_sum(W, dtype):
         Cs = [rnd.choice([2, 4]) for _ in Ms]
         bounds = [chunked(M, C) for M, C in zip(Ms, Cs)]
         as_ = [[torch.randn(M, K, device="cuda").to(dtype) * (r + 1) for M in Ms] for r in range(W)]
+        # references first: they run every chunk GEMM, so cuBLAS has loaded its kernels before
+        # any simulated rank spins (a module load then could stall the host that launches the peer)
+        refs = [reference([as_[r][i] for r in range(W)], b, use_bias, bd, dtype) for i, bd in enumerate(bounds)]
+        torch.cuda.synchronize()
         got = sim.run(lambda ws, al: _calls(ws, al, b, use_bias, bounds), [(as_[r],) for r in range(W)])
         sim.check()
-        for i, (M, bd) in enumerate(zip(Ms, bounds)):
-            ref = reference([as_[r][i] for r in range(W)], b, use_bias, bd, dtype)
+        for i, (M, ref) in enumerate(zip(Ms, refs)):
             for r in range(W):
                 assert torch.equal(got[r][i], ref), (i, M, Cs[i], r, (got[r][i].float() - ref.float()).abs().max())
 
@@ -126,12 +129,13 @@ def test_cuda_graph_replays(W):
         for r in range(W):
             outs[r] = got[r][1]
 
+    ref = reference(as_, b, None, bounds, dtype)          # also loads the chunk GEMMs' cuBLAS kernels
+    torch.cuda.synchronize()
     body()
     sim.check()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         body()
-    ref = reference(as_, b, None, bounds, dtype)
     for k in range(20):
         for o in outs:
             o.fill_(float("nan"))
