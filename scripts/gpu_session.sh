@@ -38,7 +38,8 @@ bench() {
 case ${STAGE:-prep} in
   prep)
     TDCOMPILE_SPIN_TIMEOUT_S=5 step "${TEST_T:-230}" python3 -m pytest -q -rs -p no:cacheprovider \
-      tests/gpu/test_all_reduce_kernels.py tests/gpu/test_all_reduce_lamport.py tests/gpu/test_gemm_all_reduce_ce.py \
+      tests/gpu/test_all_reduce_kernels.py tests/gpu/test_all_reduce_lamport.py tests/gpu/test_all_reduce_rmsnorm_lamport.py \
+      tests/gpu/test_gemm_all_reduce_ce.py \
       tests/gpu/test_multigpu.py
     [[ -n ${SKIP_ARB:-} ]] || step 150 torchrun --nproc_per_node "$NP" benchmarks/bench_all_reduce.py --out "$OUT"
     calibrate ;;

@@ -41,7 +41,8 @@ CANDIDATES = {
 """Candidate impls per op: a static list, the same on every rank (the order of the agreed vector).
 A new kernel joins only after it ran on a GPU: a candidate the shipped tables lack makes every
 first call of a shape re-measure it.  Not yet: ``fused:ce2`` / ``fused:ce4`` (gemm_all_reduce on
-the copy engine, ``kernels/gemm_all_reduce_ce.py``; its tests are written, not yet run)."""
+the copy engine, ``kernels/gemm_all_reduce_ce.py``) and ``all_reduce_rmsnorm`` ``fused:lamport``
+(``kernels/all_reduce_rmsnorm_lamport.py``): their tests are written, not yet run."""
 
 
 def candidates(op: str) -> list:

@@ -62,7 +62,9 @@ def impl_files(op: str, impl: str) -> list[str]:
     if op == "gemm_all_reduce":
         base.append("ops/gemm_all_reduce.py")          # the variant dispatch of that op
     if var == "lamport":
-        return base + ["kernels/all_reduce_lamport.py"]
+        extra = ["kernels/all_reduce_rmsnorm_lamport.py", "kernels/all_reduce_rmsnorm.py"] \
+            if op == "all_reduce_rmsnorm" else []
+        return base + ["kernels/all_reduce_lamport.py"] + extra
     if var.startswith("pipe"):
         return base + ["ops/overlap.py", "kernels/all_reduce.py"]
     if var.startswith("ce"):

@@ -270,12 +270,23 @@ def _all_reduce_rmsnorm_cuda(x: torch.Tensor, residual: torch.Tensor, weight: to
     impl = resolve("all_reduce_rmsnorm", impl, group_name, m=x.numel() // max(n, 1), n=n, k=0, dtype=x.dtype)
 
     def fused(ws):
+        if variant(impl) == "lamport":
+            from tdcompile.kernels.all_reduce_rmsnorm_lamport import all_reduce_rmsnorm_lamport
+            return all_reduce_rmsnorm_lamport(ws, x, residual, weight, eps)
         from tdcompile.kernels.all_reduce_rmsnorm import all_reduce_rmsnorm
         return all_reduce_rmsnorm(ws, x, residual, weight, eps, variant=variant(impl) or "auto")
 
     def check_fused():
+        ws = _workspace(group_name)
+        if variant(impl) == "lamport":
+            from tdcompile.kernels.all_reduce_lamport import region
+            from tdcompile.kernels.all_reduce_rmsnorm_lamport import unsupported_reason
+            reason = unsupported_reason(ws, x, residual, weight)
+            if reason is None:
+                region(ws)                                   # allocate now (collective)
+            return reason
         from tdcompile.kernels.all_reduce_rmsnorm import unsupported_reason
-        return unsupported_reason(_workspace(group_name), x, residual, weight)
+        return unsupported_reason(ws, x, residual, weight)
 
     return _run("all_reduce_rmsnorm", impl, group_name, _sig(x, residual, weight), fused,
                 lambda: ref.all_reduce_rmsnorm(x, residual, weight, eps, group_name),
