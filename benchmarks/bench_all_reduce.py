@@ -241,6 +241,24 @@ def main():
                                                                    residual_out=o2, ctas=g), args.calls, args.reps)
                         ws.check(sync=True)
                         record("all_reduce_rmsnorm", M, impl, us, variant=variant, grid=eff, zero_copy=zc)
+            # Lamport (barrier-free push, rows as the unit): grid sweep
+            from tdcompile.kernels import all_reduce_rmsnorm_lamport as rl
+            if rl.unsupported_reason(ws, x, res, w) is None:
+                for g in grids:
+                    eff = rl.grid_size(ws, M, g)
+                    if ("lamport", eff) in seen:
+                        continue
+                    seen.add(("lamport", eff))
+                    impl = f"tdist_rms_lamport_g{eff}"
+                    a, b = rl.all_reduce_rmsnorm_lamport(ws, x, res, w, EPS, out=o1, residual_out=o2, ctas=g)
+                    ws.check(sync=True)
+                    if not all_ok(rel_err(a, ref_y) < 1e-2 and rel_err(b, ref_nr) < 1e-2):
+                        log0(f"  {impl}: WRONG result (rel {rel_err(a, ref_y):.3g}/{rel_err(b, ref_nr):.3g}), skipped")
+                        continue
+                    us = time_graph(lambda: rl.all_reduce_rmsnorm_lamport(ws, x, res, w, EPS, out=o1, residual_out=o2,
+                                                                          ctas=g), args.calls, args.reps)
+                    ws.check(sync=True)
+                    record("all_reduce_rmsnorm", M, impl, us, variant="lamport", grid=eff)
         x = ref = out = y = y2 = None
         torch.cuda.empty_cache()
 
