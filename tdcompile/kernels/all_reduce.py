@@ -318,13 +318,14 @@ def pick_variant(world: int, nbytes: int) -> str:
 
 
 def launch_config(ws: Workspace, variant: str, n: int, ctas: int | None = None,
-                  num_warps: int | None = None) -> dict:
-    """Grid and constexprs; pure function of (world, variant, n, ctas) -> same on every rank."""
+                  num_warps: int | None = None, unroll: int | None = None) -> dict:
+    """Grid and constexprs; pure function of (world, variant, n, ctas, num_warps, unroll) -> the
+    same on every rank.  ``unroll`` (one-shot): 16-B vectors per thread and peer per iteration."""
     from tdcompile.kernels.tiles import num_sms
     W = ws.world
     nw = num_warps or NUM_WARPS
     if variant == "one_shot":
-        unroll = 2 if W <= 4 else 1      # W * unroll 16-B loads in flight per thread
+        unroll = unroll or (2 if W <= 4 else 1)      # W * unroll 16-B loads in flight per thread
         block = nw * 32 * VEC * unroll
         meta = dict(BLOCK=block)
     elif variant == "two_shot":
@@ -372,7 +373,7 @@ def sig_args(sigr):
 
 @phased
 def all_reduce(ws: Workspace, x: torch.Tensor, out: torch.Tensor | None = None, variant: str = "auto",
-               ctas: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+               ctas: int | None = None, num_warps: int | None = None, unroll: int | None = None) -> torch.Tensor:
     """Sum of ``x`` over the ranks of ``ws`` (bf16/fp16, any shape), launched on the current
     stream; ``x`` may be the view from ``symm_input`` (zero copy).  ``variant``: "one_shot",
     "two_shot" or "auto"; ``ctas``: grid size (default ``DEFAULT_CTAS``, capped by the work)."""
@@ -390,7 +391,7 @@ def all_reduce(ws: Workspace, x: torch.Tensor, out: torch.Tensor | None = None, 
     check_out(out, x, data)
     if variant == "auto":
         variant = pick_variant(ws.world, n * x.element_size())
-    cfg = launch_config(ws, variant, n, ctas, num_warps)
+    cfg = launch_config(ws, variant, n, ctas, num_warps, unroll)
     even = n % VEC == 0
     n_arg = n // VEC if even else n
     sig_tab, flags, cnt = sig_args(sigr)
