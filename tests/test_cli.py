@@ -29,6 +29,7 @@ BAD = {
     "unknown plan": ["generate", "--plan", "megatron"],
     "zero batch": ["generate", "--batch", "0"],
     "zero ranks": ["inspect", "--nproc", "0"],
+    "zero bench rounds": ["bench", "--rounds", "0"],
     "not an int": ["demo", "--seq", "abc"],
     "missing checkpoint": ["demo", "--checkpoint", "/no/such/dir"],
     "torch_sp with a sequence the ranks cannot split": ["inspect", "--plan", "torch_sp", "--seq", "15"],
