@@ -122,6 +122,12 @@ def unsupported_reason(ws: Workspace, x: torch.Tensor, residual: torch.Tensor, w
     return None
 
 
+def num_warps(world: int, block_n: int) -> int:
+    """8 warps; 16 for rows wider than 8192 (as ``all_reduce_rmsnorm``) or when the W row copies
+    a thread holds would exceed 32 KiB-elements per CTA (W=8, N=5120 needs ~250 registers at 8)."""
+    return 16 if block_n > 8192 or block_n * world > 8192 * 4 else NUM_WARPS
+
+
 def grid_size(ws: Workspace, rows: int, ctas: int | None = None) -> int:
     """Pure function of (rows, world, ctas, SM count, simulated or not): same on every rank."""
     from tdcompile.kernels.tiles import num_sms
@@ -142,7 +148,7 @@ def all_reduce_rmsnorm_lamport(ws: Workspace, x: torch.Tensor, residual: torch.T
     N = x.shape[-1]
     M = x.numel() // N
     reg, cap = lam.region(ws)
-    x, residual = x.contiguous(), residual.contiguous()
+    x, residual, weight = x.contiguous(), residual.contiguous(), weight.contiguous()
     out = torch.empty_like(x) if out is None else out
     residual_out = torch.empty_like(x) if residual_out is None else residual_out
     for t in (out, residual_out):
@@ -151,8 +157,9 @@ def all_reduce_rmsnorm_lamport(ws: Workspace, x: torch.Tensor, residual: torch.T
     ctl = reg.local[:lam.CTL_BYTES].view(torch.int32)
     args = (x, residual, weight, out, residual_out, M, triton.cdiv(M * N, lam.VEC), float(eps), reg.ptrs, ctl,
             cap // lam.VEC, ws.err_addr, err_base(OP_ID, ws.rank), ws.rank, ws.timeout_us)
-    kw = dict(WORLD=ws.world, N=N, BLOCK_N=triton.next_power_of_2(N), MAXB=lam.MAX_CTAS, DOFF=lam.DATA_OFF,
-              CLEAR_BLOCK=CLEAR_BLOCK, num_warps=NUM_WARPS)
+    block_n = triton.next_power_of_2(N)
+    kw = dict(WORLD=ws.world, N=N, BLOCK_N=block_n, MAXB=lam.MAX_CTAS, DOFF=lam.DATA_OFF, CLEAR_BLOCK=CLEAR_BLOCK,
+              num_warps=num_warps(ws.world, block_n))
     grid = (grid_size(ws, M, ctas),)
     from tdcompile.kernels.tiles import preload
     preload(_ar_rms_lamport, grid, *args, **kw)      # compile + load before anything waits on a peer

@@ -53,7 +53,10 @@ ADD_BLOCK = 4096
 @triton.jit(do_not_specialize=["slot", "rank", "err_code", "timeout_us"])
 def _ce_barrier(pad_tab, pad_off, slot, epoch_ptr, err_addr, err_code, rank, timeout_us, WORLD: tl.constexpr):
     epoch = tl.load(epoch_ptr)
-    ok = block_barrier(pad_tab, pad_off, slot, rank, epoch, timeout_us.to(tl.int64) * 1000, WORLD)
+    # a peer already timed out (error word set): do not wait a full timeout at every later barrier
+    dead = tl.load(err_addr.to(tl.pointer_type(tl.int32)), volatile=True) != 0
+    tmo = tl.where(dead, 0, timeout_us.to(tl.int64) * 1000)
+    ok = block_barrier(pad_tab, pad_off, slot, rank, epoch, tmo, WORLD)
     if ok == 0:
         record_error(err_addr, err_code)
 
@@ -85,11 +88,14 @@ def row_slices(lo: int, hi: int, world: int) -> list[tuple[int, int]]:
     return [(min(lo + p * q, hi), min(lo + (p + 1) * q, hi)) for p in range(world)]
 
 
-def unsupported_reason(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bounds) -> str | None:
+def unsupported_reason(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bounds,
+                       bias: torch.Tensor | None = None) -> str | None:
     if a.dtype not in (torch.bfloat16, torch.float16) or b.dtype != a.dtype:
         return f"dtypes {a.dtype}/{b.dtype} (bf16/fp16 only)"
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         return "a [M, K] @ b [K, N] only"
+    if bias is not None and (bias.shape != (b.shape[1],) or bias.dtype != a.dtype):
+        return f"bias {tuple(bias.shape)} {bias.dtype} (want [N] of a's dtype)"
     if b.shape[1] % 8:      # rows of 16-B multiples: one add-kernel specialisation, 128-bit accesses
         return f"N={b.shape[1]} is not a multiple of 8"
     if a.shape[0] > ws.max_m:
@@ -105,13 +111,17 @@ def regions(ws: Workspace, n: int, esz: int):
     return ws.region(DATA_REGION, nbytes), ws.region(RES_REGION, nbytes)
 
 
+def _gemm(a, b, bias, out):
+    return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
+
+
 @phased
 def gemm_all_reduce_ce(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
                        bounds: list[tuple[int, int]]) -> torch.Tensor:
     """``all_reduce(a @ b + bias)`` ([M, N], a new tensor) with chunk i's reduction on the copy
     engine overlapping chunk i+1's GEMM; ``bounds``: the row chunks (cover ``[0, M)`` in order)."""
     ws.check()
-    reason = unsupported_reason(ws, a, b, bounds)
+    reason = unsupported_reason(ws, a, b, bounds, bias)
     if reason:
         raise _Unsupported(reason)
     W, r = ws.world, ws.rank
@@ -125,38 +135,42 @@ def gemm_all_reduce_ce(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias: to
     q = max(hi - lo for s in slices for lo, hi in s)
     per = -(-max(q, 1) * N // 8) * 8                                              # 16-B aligned rows of stage
     stage = torch.empty((W, per), dtype=a.dtype, device=a.device)                 # [W, >= q*N]
-    even = True                         # N % 8 == 0 (unsupported_reason): every slice 16-B aligned
     out = torch.empty((M, N), dtype=a.dtype, device=a.device)
     pad_stride = PAD_SLOTS * MAX_WORLD
     code = sig.error_code(OP_ID, r, sig.WHAT_BARRIER)
     epoch = ws.bump_epoch("gemm_all_reduce")
     bar = (ws.pads.ptrs, READY_CHANNEL * pad_stride, 0, epoch, ws.err_addr, code, r, ws.timeout_us)
     preload(_ce_barrier, (1,), *bar, WORLD=W, num_warps=1)
-    add_kw = dict(WORLD=W, EVEN=even, BLOCK=ADD_BLOCK, num_warps=8)
+    add_kw = dict(WORLD=W, EVEN=True, BLOCK=ADD_BLOCK, num_warps=8)   # N % 8 == 0: slices 16-B aligned
     preload(_ce_add, (1,), stage, out, out, 1, per // 8, **add_kw)
     main = torch.cuda.current_stream()
     ws.side.wait_stream(main)          # epoch bumped, inputs ready, earlier collectives done
     yield
+    # Simulated ranks step one ``yield`` at a time, in lock-step: every waiting kernel (the
+    # barriers) is launched by all ranks before any rank enqueues a copy (SimWorld.run's rule).
     for i, (lo, hi) in enumerate(bounds):
-        if bias is None:
-            torch.mm(a[lo:hi], b, out=own[lo:hi])
-        else:
-            torch.addmm(bias, a[lo:hi], b, out=own[lo:hi])
+        _gemm(a[lo:hi], b, bias, own[lo:hi])                      # [hi-lo, N] into the symmetric area
         done = torch.cuda.Event()
         done.record(main)
         s0, s1 = slices[i][r]
+        n = (s1 - s0) * N
         with torch.cuda.stream(ws.side):
             ws.side.wait_event(done)
             _ce_barrier[(1,)](ws.pads.ptrs, READY_CHANNEL * pad_stride, i, epoch, ws.err_addr, code, r,
                               ws.timeout_us, WORLD=W, num_warps=1)
-            n = (s1 - s0) * N
+        yield
+        with torch.cuda.stream(ws.side):
             for p in range(W):                                    # my rows of chunk i, every rank's partial
                 stage[p, :n].view(s1 - s0, N).copy_(dview[p][s0:s1])   # [s1-s0, N] over NVLink (CE)
             if n:
-                _ce_add[(triton.cdiv(n, ADD_BLOCK),)](stage, out[s0:s1], rview[r][s0:s1], n // 8 if even else n,
-                                                      per // 8, **add_kw)
+                _ce_add[(triton.cdiv(n, ADD_BLOCK),)](stage, out[s0:s1], rview[r][s0:s1], n // 8, per // 8,
+                                                      **add_kw)
+        yield
+        with torch.cuda.stream(ws.side):
             _ce_barrier[(1,)](ws.pads.ptrs, REDUCED_CHANNEL * pad_stride, i, epoch, ws.err_addr, code, r,
                               ws.timeout_us, WORLD=W, num_warps=1)
+        yield
+        with torch.cuda.stream(ws.side):
             for p in range(W):                                    # every other rank's reduced rows
                 p0, p1 = slices[i][p]
                 if p != r and p1 > p0:

@@ -75,7 +75,7 @@ def prepare(v: Optional[str], ws, a: torch.Tensor, b: torch.Tensor, bias: Option
         bounds = overlap.chunk_bounds(a.shape[0], ce)
         if bounds is None:
             return f"M={a.shape[0]} too small for {ce} chunks of >= {overlap.MIN_CHUNK_ROWS} rows"
-        reason = k.unsupported_reason(ws, a, b, bounds)
+        reason = k.unsupported_reason(ws, a, b, bounds, bias)
         if reason is None:
             k.regions(ws, b.shape[1], a.element_size())                   # allocate now (collective)
         return reason
