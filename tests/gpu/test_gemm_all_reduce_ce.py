@@ -27,6 +27,16 @@ def reference(as_, b, bias, bounds, dtype):
     return acc.to(dtype)
 
 
+def warm_streams(sim, dtype):
+    """cuBLAS allocates a workspace per stream on its first GEMM there: do that on every simulated
+    rank's stream now, not while a peer's barrier spins."""
+    x = torch.ones(8, 8, device="cuda", dtype=dtype)
+    for s in sim.streams:
+        with torch.cuda.stream(s):
+            torch.mm(x, x)
+    torch.cuda.synchronize()
+
+
 def _calls(ws, as_, b, bias, bounds_list):
     from tdcompile.kernels.gemm_all_reduce_ce import gemm_all_reduce_ce
     got = []
@@ -106,7 +116,7 @@ def test_back_to_back_calls_match_the_rank_order_sum(W, dtype):
         # references first: they run every chunk GEMM, so cuBLAS has loaded its kernels before
         # any simulated rank spins (a module load then could stall the host that launches the peer)
         refs = [reference([as_[r][i] for r in range(W)], b, use_bias, bd, dtype) for i, bd in enumerate(bounds)]
-        torch.cuda.synchronize()
+        warm_streams(sim, dtype)
         got = sim.run(lambda ws, al: _calls(ws, al, b, use_bias, bounds), [(as_[r],) for r in range(W)])
         sim.check()
         for i, (M, ref) in enumerate(zip(Ms, refs)):
@@ -130,7 +140,7 @@ def test_cuda_graph_replays(W):
             outs[r] = got[r][1]
 
     ref = reference(as_, b, None, bounds, dtype)          # also loads the chunk GEMMs' cuBLAS kernels
-    torch.cuda.synchronize()
+    warm_streams(sim, dtype)
     body()
     sim.check()
     g = torch.cuda.CUDAGraph()
