@@ -72,7 +72,7 @@ def test_ptx_128bit_and_bounded(W):
 def test_interleaved_with_plain_lamport_calls(W, dtype):
     sim = world(W)
     rnd = random.Random(W + 7 * (dtype == torch.float16))
-    plan_shapes = [("rms", (rnd.choice([1, 3, 128, 77]), rnd.choice([5120, 1000, 64, 4096]))) if rnd.random() < 0.6
+    plan_shapes = [("rms", (rnd.choice([1, 3, 128, 77]), rnd.choice([5120, 1000, 64, 4096, 333]))) if rnd.random() < 0.6
                    else ("ar", (rnd.randint(1, 200), rnd.choice([7, 5120]))) for _ in range(24)]
     inputs = []
     for i, (kind, shape) in enumerate(plan_shapes):
