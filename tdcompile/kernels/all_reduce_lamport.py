@@ -135,6 +135,57 @@ def _dec(e, sign, dt: tl.constexpr):
     return (e ^ sign).to(dt, bitcast=True).to(tl.float32)
 
 
+@triton.jit
+def _push(b0, b1, b2, b3, b4, b5, b6, b7, o, v, m, sign, WORLD: tl.constexpr):
+    """Encode ``v`` (-0.0 -> +0.0, then ``bits ^ 0x8000``) and store it at ``o`` of all W segments."""
+    e = v.to(tl.int16, bitcast=True) ^ sign
+    e = tl.where(e == 0, sign, e)     # -0.0 -> +0.0: the empty pattern never leaves a writer
+    tl.store(b0 + o, e, mask=m)
+    tl.store(b1 + o, e, mask=m)
+    if WORLD > 2:
+        tl.store(b2 + o, e, mask=m)
+        tl.store(b3 + o, e, mask=m)
+    if WORLD > 4:
+        tl.store(b4 + o, e, mask=m)
+        tl.store(b5 + o, e, mask=m)
+        tl.store(b6 + o, e, mask=m)
+        tl.store(b7 + o, e, mask=m)
+
+
+@triton.jit
+def _clear(old, cap, prev, pid, G, BLOCK: tl.constexpr, WORLD: tl.constexpr):
+    """Zero (= empty) elements [0, prev) of the W segments at ``old``, grid-stride over blocks."""
+    offs = tl.arange(0, BLOCK)
+    zero = tl.zeros([BLOCK], tl.int16)
+    for it in range(pid, tl.cdiv(prev, BLOCK), G):
+        o = it * BLOCK + offs
+        for q in tl.static_range(WORLD):
+            tl.store(old + q * cap + o, zero, mask=o < prev)
+
+
+@triton.jit
+def _sum_words(e0, e1, e2, e3, e4, e5, e6, e7, sign, dt: tl.constexpr, WORLD: tl.constexpr):
+    """fp32 sum of the W decoded segments in rank order 0..W-1."""
+    acc = _dec(e0, sign, dt) + _dec(e1, sign, dt)
+    if WORLD > 2:
+        acc = acc + _dec(e2, sign, dt)
+        acc = acc + _dec(e3, sign, dt)
+    if WORLD > 4:
+        acc = acc + _dec(e4, sign, dt)
+        acc = acc + _dec(e5, sign, dt)
+        acc = acc + _dec(e6, sign, dt)
+        acc = acc + _dec(e7, sign, dt)
+    return acc
+
+
+@triton.jit
+def _advance(ctl_ptr, pid, G, s, n8_arg, MAXB: tl.constexpr):
+    """Next slot and this call's element count into every control entry this block stands for."""
+    for k in range(pid, MAXB, G):
+        tl.store(ctl_ptr + k, (s + 1) % 3)
+        tl.store(ctl_ptr + MAXB + k, n8_arg)
+
+
 @triton.jit(do_not_specialize=["n_arg", "n8_arg", "cap8", "err_addr", "err_base", "rank", "timeout_us"])
 def _lamport_kernel(x_ptr, out_ptr, n_arg, n8_arg, tab, ctl_ptr, cap8, err_addr, err_base, rank, timeout_us,
                     WORLD: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr, MAXB: tl.constexpr,
@@ -157,28 +208,10 @@ def _lamport_kernel(x_ptr, out_ptr, n_arg, n8_arg, tab, ctl_ptr, cap8, err_addr,
     b0, b1, b2, b3, b4, b5, b6, b7 = _bases(tab, DOFF + (s * WORLD + rank) * cap, tl.int16, WORLD)
     for it in range(pid, nblk, G):
         o = it * BLOCK + offs
-        e = tl.load(x_ptr + o, mask=o < n, other=0.0).to(tl.int16, bitcast=True) ^ sign
-        e = tl.where(e == 0, sign, e)     # -0.0 -> +0.0: the empty pattern never leaves a writer
-        m = o < n8
-        tl.store(b0 + o, e, mask=m)
-        tl.store(b1 + o, e, mask=m)
-        if WORLD > 2:
-            tl.store(b2 + o, e, mask=m)
-            tl.store(b3 + o, e, mask=m)
-        if WORLD > 4:
-            tl.store(b4 + o, e, mask=m)
-            tl.store(b5 + o, e, mask=m)
-            tl.store(b6 + o, e, mask=m)
-            tl.store(b7 + o, e, mask=m)
+        _push(b0, b1, b2, b3, b4, b5, b6, b7, o, tl.load(x_ptr + o, mask=o < n, other=0.0), o < n8, sign, WORLD)
     # 2. clear own previous slot (no peer writes it before this kernel ends; see docstring)
     own = peer_base(tab, rank, tl.int16) + DOFF
-    old = own + ((s + 2) % 3) * WORLD * cap
-    zero = tl.zeros([BLOCK], tl.int16)
-    for it in range(pid, tl.cdiv(prev, BLOCK), G):
-        o = it * BLOCK + offs
-        m = o < prev
-        for q in tl.static_range(WORLD):
-            tl.store(old + q * cap + o, zero, mask=m)
+    _clear(own + ((s + 2) % 3) * WORLD * cap, cap, prev, pid, G, BLOCK, WORLD)
     # 3. wait for all W segments of each chunk, reduce in rank order
     cur = own + s * WORLD * cap
     tmo = timeout_us.to(tl.int64) * 1000
@@ -189,22 +222,12 @@ def _lamport_kernel(x_ptr, out_ptr, n_arg, n8_arg, tab, ctl_ptr, cap8, err_addr,
             o = it * BLOCK + offs
             ok, e0, e1, e2, e3, e4, e5, e6, e7 = _poll(cur, cap, o, o < n8, t0, tmo, BLOCK, WORLD)
             if ok != 0:
-                acc = _dec(e0, sign, dt) + _dec(e1, sign, dt)
-                if WORLD > 2:
-                    acc = acc + _dec(e2, sign, dt)
-                    acc = acc + _dec(e3, sign, dt)
-                if WORLD > 4:
-                    acc = acc + _dec(e4, sign, dt)
-                    acc = acc + _dec(e5, sign, dt)
-                    acc = acc + _dec(e6, sign, dt)
-                    acc = acc + _dec(e7, sign, dt)
+                acc = _sum_words(e0, e1, e2, e3, e4, e5, e6, e7, sign, dt, WORLD)
                 tl.store(out_ptr + o, acc.to(dt), mask=o < n)
     if ok == 0:
         record_error(err_addr, err_base + 6)   # WHAT_LAMPORT
     # 4. advance the state of every control entry this block stands for
-    for k in range(pid, MAXB, G):
-        tl.store(ctl_ptr + k, (s + 1) % 3)
-        tl.store(ctl_ptr + MAXB + k, n8_arg)
+    _advance(ctl_ptr, pid, G, s, n8_arg, MAXB)
 
 
 # ------------------------------------------------------------------------------ host side
@@ -216,6 +239,15 @@ def unsupported_reason(ws: Workspace, x: torch.Tensor) -> str | None:
     if x.numel() * x.element_size() > LAMPORT_MAX_BYTES:
         return f"{x.numel() * x.element_size()} bytes > LAMPORT_MAX_BYTES ({LAMPORT_MAX_BYTES})"
     return None
+
+
+def prepare(ws: Workspace, x: torch.Tensor) -> str | None:
+    """Why ``x`` cannot be all-reduced here, else None with the region allocated (a collective:
+    every rank calls it at the same point, e.g. inside ``ops.cuda.ready``)."""
+    reason = unsupported_reason(ws, x)
+    if reason is None:
+        region(ws)
+    return reason
 
 
 def region(ws: Workspace):

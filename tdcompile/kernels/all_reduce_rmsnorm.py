@@ -163,9 +163,11 @@ def _gather_row(b0, b1, b2, b3, b4, b5, b6, b7, o, cols, cm, SW: tl.constexpr, W
 
 
 def unsupported_reason(ws: Workspace, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> str | None:
-    r = arm.unsupported_reason(ws, x)
-    if r:
-        return r
+    return arm.unsupported_reason(ws, x) or operand_reason(x, residual, weight)
+
+
+def operand_reason(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """What the epilogue needs of residual and weight (shared with the Lamport variant)."""
     if residual.shape != x.shape or residual.dtype != x.dtype:
         return "residual shape/dtype differs from x"
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1] or weight.dtype != x.dtype:

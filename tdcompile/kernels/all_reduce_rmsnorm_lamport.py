@@ -27,8 +27,8 @@ import triton.language as tl
 
 from tdcompile.kernels import all_reduce_lamport as lam
 from tdcompile.kernels.all_reduce import _bases, err_base
-from tdcompile.kernels.all_reduce_lamport import _dec, _poll
-from tdcompile.kernels.all_reduce_rmsnorm import MAX_N, _epilogue
+from tdcompile.kernels.all_reduce_lamport import _advance, _clear, _poll, _push, _sum_words
+from tdcompile.kernels.all_reduce_rmsnorm import _epilogue, operand_reason
 from tdcompile.kernels.signals import globaltimer, peer_base, record_error
 from tdcompile.kernels.symm import OPS, Workspace, _Unsupported, phased
 
@@ -55,48 +55,22 @@ def _ar_rms_lamport(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, M, n8_arg, eps,
     b0, b1, b2, b3, b4, b5, b6, b7 = _bases(tab, DOFF + (s * WORLD + rank) * cap, tl.int16, WORLD)
     for row in range(pid, M, G):
         o = row * N + cols
-        e = tl.load(x_ptr + o, mask=cm, other=0.0).to(tl.int16, bitcast=True) ^ sign
-        e = tl.where(e == 0, sign, e)     # -0.0 -> +0.0: the empty pattern never leaves a writer
-        tl.store(b0 + o, e, mask=cm)
-        tl.store(b1 + o, e, mask=cm)
-        if WORLD > 2:
-            tl.store(b2 + o, e, mask=cm)
-            tl.store(b3 + o, e, mask=cm)
-        if WORLD > 4:
-            tl.store(b4 + o, e, mask=cm)
-            tl.store(b5 + o, e, mask=cm)
-            tl.store(b6 + o, e, mask=cm)
-            tl.store(b7 + o, e, mask=cm)
+        _push(b0, b1, b2, b3, b4, b5, b6, b7, o, tl.load(x_ptr + o, mask=cm, other=0.0), cm, sign, WORLD)
     # 2. clear my previous slot (no peer writes it before this kernel ends)
     own = peer_base(tab, rank, tl.int16) + DOFF
-    old = own + ((s + 2) % 3) * WORLD * cap
-    co = tl.arange(0, CLEAR_BLOCK)
-    zero = tl.zeros([CLEAR_BLOCK], tl.int16)
-    for it in range(pid, tl.cdiv(prev, CLEAR_BLOCK), G):
-        o = it * CLEAR_BLOCK + co
-        for q in tl.static_range(WORLD):
-            tl.store(old + q * cap + o, zero, mask=o < prev)
+    _clear(own + ((s + 2) % 3) * WORLD * cap, cap, prev, pid, G, CLEAR_BLOCK, WORLD)
     # 3. wait for each row's W segments, sum in rank order, epilogue
     cur = own + s * WORLD * cap
     tmo = timeout_us.to(tl.int64) * 1000
     t0 = globaltimer()
     w = tl.load(w_ptr + cols, mask=cm, other=0.0)
-    sg = tl.full([BLOCK_N], -32768, tl.int16)
     ok = 1
     for row in range(pid, M, G):
         if ok != 0:
             o = row * N + cols
             ok, e0, e1, e2, e3, e4, e5, e6, e7 = _poll(cur, cap, o, cm, t0, tmo, BLOCK_N, WORLD)
             if ok != 0:
-                acc = _dec(e0, sg, dt) + _dec(e1, sg, dt)
-                if WORLD > 2:
-                    acc = acc + _dec(e2, sg, dt)
-                    acc = acc + _dec(e3, sg, dt)
-                if WORLD > 4:
-                    acc = acc + _dec(e4, sg, dt)
-                    acc = acc + _dec(e5, sg, dt)
-                    acc = acc + _dec(e6, sg, dt)
-                    acc = acc + _dec(e7, sg, dt)
+                acc = _sum_words(e0, e1, e2, e3, e4, e5, e6, e7, sign, dt, WORLD)
                 r = tl.load(res_ptr + o, mask=cm, other=0.0)
                 nr, y = _epilogue(acc.to(dt), r, w, cm, eps, N, dt)
                 tl.store(res_out_ptr + o, nr, mask=cm)
@@ -104,22 +78,19 @@ def _ar_rms_lamport(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, M, n8_arg, eps,
     if ok == 0:
         record_error(err_addr, err_base + 6)   # as all_reduce_lamport: "timed out waiting for a peer"
     # 4. advance the state of every control entry this block stands for
-    for k in range(pid, MAXB, G):
-        tl.store(ctl_ptr + k, (s + 1) % 3)
-        tl.store(ctl_ptr + MAXB + k, n8_arg)
+    _advance(ctl_ptr, pid, G, s, n8_arg, MAXB)
 
 
 def unsupported_reason(ws: Workspace, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> str | None:
-    r = lam.unsupported_reason(ws, x)
-    if r:
-        return r
-    if residual.shape != x.shape or residual.dtype != x.dtype:
-        return "residual shape/dtype differs from x"
-    if weight.dim() != 1 or weight.shape[0] != x.shape[-1] or weight.dtype != x.dtype:
-        return "weight must be [N] of x's dtype"
-    if x.shape[-1] > MAX_N:
-        return f"hidden size {x.shape[-1]} > {MAX_N}"
-    return None
+    return lam.unsupported_reason(ws, x) or operand_reason(x, residual, weight)
+
+
+def prepare(ws: Workspace, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """``unsupported_reason``, and on None the shared Lamport region allocated (a collective)."""
+    reason = unsupported_reason(ws, x, residual, weight)
+    if reason is None:
+        lam.region(ws)
+    return reason
 
 
 def num_warps(world: int, block_n: int) -> int:

@@ -140,16 +140,6 @@ def _workspace(group_name: str):
     return symm.get_workspace(group_name)
 
 
-def _lamport_ready(ws, probe: torch.Tensor) -> Optional[str]:
-    """Why the Lamport all-reduce cannot take ``probe``'s shape, else None (its region is then
-    allocated: a collective, every rank here together)."""
-    from tdcompile.kernels.all_reduce_lamport import region, unsupported_reason
-    reason = unsupported_reason(ws, probe)
-    if reason is None:
-        region(ws)
-    return reason
-
-
 def _run(op: str, impl: str, group_name: str, sig: tuple, fused: Callable, symm: Callable, unfused: Callable,
          check_fused: Callable, check_symm: Callable):
     fam = family(impl)
@@ -195,7 +185,8 @@ def _all_reduce_cuda(x: torch.Tensor, group_name: str, impl: str = "auto") -> to
 
     def check_fused():
         if variant(impl) == "lamport":
-            return _lamport_ready(_workspace(group_name), x)
+            from tdcompile.kernels.all_reduce_lamport import prepare
+            return prepare(_workspace(group_name), x)
         from tdcompile.kernels.all_reduce import unsupported_reason
         return unsupported_reason(_workspace(group_name), x)
 
@@ -279,12 +270,8 @@ def _all_reduce_rmsnorm_cuda(x: torch.Tensor, residual: torch.Tensor, weight: to
     def check_fused():
         ws = _workspace(group_name)
         if variant(impl) == "lamport":
-            from tdcompile.kernels.all_reduce_lamport import region
-            from tdcompile.kernels.all_reduce_rmsnorm_lamport import unsupported_reason
-            reason = unsupported_reason(ws, x, residual, weight)
-            if reason is None:
-                region(ws)                                   # allocate now (collective)
-            return reason
+            from tdcompile.kernels.all_reduce_rmsnorm_lamport import prepare
+            return prepare(ws, x, residual, weight)
         from tdcompile.kernels.all_reduce_rmsnorm import unsupported_reason
         return unsupported_reason(ws, x, residual, weight)
 

@@ -64,11 +64,8 @@ def prepare(v: Optional[str], ws, a: torch.Tensor, b: torch.Tensor, bias: Option
         from tdcompile.kernels.gemm_all_reduce import unsupported_reason
         return unsupported_reason(ws, a, b, bias)
     if v == "lamport":
-        from tdcompile.kernels.all_reduce_lamport import region, unsupported_reason
-        reason = unsupported_reason(ws, torch.empty(out_shape, dtype=a.dtype, device=a.device))
-        if reason is None:
-            region(ws)                                                    # allocate now (collective)
-        return reason
+        from tdcompile.kernels.all_reduce_lamport import prepare
+        return prepare(ws, torch.empty(out_shape, dtype=a.dtype, device=a.device))
     ce = overlap.parse_ce(v)
     if ce is not None:
         from tdcompile.kernels import gemm_all_reduce_ce as k

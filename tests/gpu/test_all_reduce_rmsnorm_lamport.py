@@ -43,9 +43,7 @@ def _calls(ws, plan):
 def test_ptx_128bit_and_bounded(W):
     pytest.importorskip("triton")
     import re
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from offline_ptx import global_accesses, ptx
     from tdcompile.kernels import all_reduce_lamport as lam
     from tdcompile.kernels import all_reduce_rmsnorm_lamport as k
     sig = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16",
@@ -53,11 +51,8 @@ def test_ptx_128bit_and_bounded(W):
            "err_addr": "i64", "err_base": "i32", "rank": "i32", "timeout_us": "i32"}
     const = {"WORLD": W, "N": 5120, "BLOCK_N": 8192, "MAXB": lam.MAX_CTAS, "DOFF": lam.DATA_OFF,
              "CLEAR_BLOCK": k.CLEAR_BLOCK}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(sig.values()) if v.startswith("*")}
-    src = ASTSource(fn=k._ar_rms_lamport, signature={**sig, **{c: "constexpr" for c in const}}, constexprs=const,
-                    attrs=attrs)
-    p = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": k.NUM_WARPS}).asm["ptx"]
-    acc = [ln.strip() for ln in p.splitlines() if re.search(r"\b(ld|st)(\.volatile)?\.global", ln)]
+    p = ptx(k._ar_rms_lamport, sig, const, k.num_warps(W, 8192))
+    acc = global_accesses(p)
     polls = [ln for ln in acc if "ld.volatile.global" in ln]
     assert len(polls) >= W and all(".v4.b32" in ln for ln in polls)
     assert not [ln for ln in acc if re.search(r"\.(b16|u16|s16)\b", ln)]          # N % 8 == 0: all 128-bit

@@ -51,25 +51,18 @@ def _calls(ws, as_, b, bias, bounds_list):
 def test_ptx_compiles_and_waits_are_bounded(W):
     pytest.importorskip("triton")
     import re
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from offline_ptx import ptx
     from tdcompile.kernels import gemm_all_reduce_ce as k
 
     sig = {"pad_tab": "*i64", "pad_off": "i32", "slot": "i32", "epoch_ptr": "*i32", "err_addr": "i64",
            "err_code": "i32", "rank": "i32", "timeout_us": "i32"}
-    src = ASTSource(fn=k._ce_barrier, signature={**sig, "WORLD": "constexpr"}, constexprs={"WORLD": W})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1}).asm["ptx"]
-    assert "%globaltimer" in ptx and "ld.acquire.sys" in ptx and ".release" in ptx   # bounded acquire spin, release signal
+    p = ptx(k._ce_barrier, sig, {"WORLD": W}, 1, aligned=False)
+    assert "%globaltimer" in p and "ld.acquire.sys" in p and ".release" in p   # bounded acquire spin, release signal
     for dt in ("*bf16", "*fp16"):
         sig = {"stage_ptr": dt, "out_ptr": dt, "res_ptr": dt, "n_arg": "i32", "stride8": "i32"}
-        const = {"WORLD": W, "EVEN": True, "BLOCK": k.ADD_BLOCK}
-        attrs = {(i,): [["tt.divisibility", 16]] for i in range(3)}
-        src = ASTSource(fn=k._ce_add, signature={**sig, **{c: "constexpr" for c in const}}, constexprs=const,
-                        attrs=attrs)
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
-        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx      # 128-bit, the add is memory bound
-        assert not re.search(r"(ld|st)\.global\.b16", ptx)
+        p = ptx(k._ce_add, sig, {"WORLD": W, "EVEN": True, "BLOCK": k.ADD_BLOCK}, 8)
+        assert "ld.global.v4.b32" in p and "st.global.v4.b32" in p          # 128-bit, the add is memory bound
+        assert not re.search(r"(ld|st)\.global\.b16", p)
 
 
 @pytest.mark.gpu
