@@ -33,25 +33,26 @@ CANDIDATES = {
                    "symm_mem:two_shot"],
     "gemm_all_reduce": ["unfused", "fused", "fused:one_shot", "fused:two_shot", "symm_mem:one_shot",
                         "symm_mem:two_shot", "fused:lamport", "fused:pipe2", "fused:pipe4", "fused:pipe2_nccl",
-                        "fused:pipe4_nccl"],
-    "all_reduce_rmsnorm": ["unfused", "fused:one_shot", "fused:two_shot"],
+                        "fused:pipe4_nccl", "fused:ce2", "fused:ce4"],
+    "all_reduce_rmsnorm": ["unfused", "fused:one_shot", "fused:two_shot", "fused:lamport"],
     "all_gather_gemm": ["unfused", "fused", "symm_mem"],
     "gemm_reduce_scatter": ["unfused", "fused", "symm_mem"],
 }
 """Candidate impls per op: a static list, the same on every rank (the order of the agreed vector).
-A new kernel joins only after it ran on a GPU: a candidate the shipped tables lack makes every
-first call of a shape re-measure it.  Not yet: ``fused:ce2`` / ``fused:ce4`` (gemm_all_reduce on
-the copy engine, ``kernels/gemm_all_reduce_ce.py``) and ``all_reduce_rmsnorm`` ``fused:lamport``
-(``kernels/all_reduce_rmsnorm_lamport.py``): their tests are written, not yet run."""
+A new kernel joins only with its GPU tests: a candidate the shipped tables lack makes every first
+call of a shape re-measure it (``scripts/gpu_session.sh`` runs a new kernel's simulated-rank tests
+first and, if they fail, leaves it out with ``TDCOMPILE_SKIP_CANDIDATES``)."""
 
 
 def candidates(op: str) -> list:
-    """``CANDIDATES[op]`` minus those named in ``TDCOMPILE_SKIP_CANDIDATES`` (comma-separated
-    impls, e.g. ``fused:lamport``; set it the same on every rank -- torchrun passes the
-    environment to all of them); ``unfused`` is always kept."""
+    """``CANDIDATES[op]`` minus those named in ``TDCOMPILE_SKIP_CANDIDATES``: comma-separated impls
+    (``fused:lamport`` skips it for every op) or ``op/impl`` (``all_reduce_rmsnorm/fused:lamport``
+    for one op).  Set it the same on every rank (torchrun passes the environment to all of them);
+    ``unfused`` is always kept."""
     import os
-    skip = {c.strip() for c in os.environ.get("TDCOMPILE_SKIP_CANDIDATES", "").split(",")} - {"unfused"}
-    return [c for c in CANDIDATES.get(op, ["unfused"]) if c not in skip]
+    skip = {c.strip() for c in os.environ.get("TDCOMPILE_SKIP_CANDIDATES", "").split(",")}
+    return [c for c in CANDIDATES.get(op, ["unfused"])
+            if c == "unfused" or (c not in skip and f"{op}/{c}" not in skip)]
 
 
 def _inputs(key: measured.Key, rank: int) -> tuple:

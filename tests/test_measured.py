@@ -198,6 +198,15 @@ def test_skipped_candidates_are_not_measured_but_unfused_always_is(monkeypatch):
     assert measure.candidates("all_reduce") == measure.CANDIDATES["all_reduce"]
 
 
+def test_a_candidate_can_be_skipped_for_one_op_only(monkeypatch):
+    from tdcompile import measure
+    monkeypatch.setenv("TDCOMPILE_SKIP_CANDIDATES", "all_reduce_rmsnorm/fused:lamport,gemm_all_reduce/fused:ce2")
+    assert "fused:lamport" not in measure.candidates("all_reduce_rmsnorm")
+    assert "fused:lamport" in measure.candidates("all_reduce")
+    got = measure.candidates("gemm_all_reduce")
+    assert "fused:ce2" not in got and "fused:ce4" in got and got[0] == "unfused"
+
+
 def test_an_entry_measured_with_other_kernel_code_is_measured_again(tmp_path, monkeypatch):
     """Times are stored with a digest of the files implementing each candidate; when that code
     changes the entry no longer counts (``lookup`` -> None: the next call measures afresh).
