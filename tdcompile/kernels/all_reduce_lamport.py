@@ -71,9 +71,9 @@ MAX_CTAS = 128                        # control entries = largest grid (the W=4 
 CTL_BYTES = 4096                      # control area (2 * MAX_CTAS int32), page-sized
 DATA_OFF = CTL_BYTES // 2             # data area offset in 16-bit words (multiple of 8)
 VEC = 8
-NUM_WARPS = 8                        # 8 warps x 64 CTAs: 8.3 us at 128x5120, W=2 (all_reduce_w2_2026-11-27 sweep)
+NUM_WARPS = 8                        # 8 warps x 128 CTAs: 7.5 us at 128x5120, W=2 (64 CTAs: 8.2; 4 warps: 7.6)
 BLOCK = NUM_WARPS * 32 * VEC          # elements per chunk: one 16-B vector per thread per segment
-DEFAULT_CTAS = 64
+DEFAULT_CTAS = 128                    # (all_reduce-h200-w2-2026-11-27-full.json sweep)
 
 
 # ------------------------------------------------------------------------------ device side
