@@ -185,25 +185,25 @@ def main():
                                     args.calls, args.reps)
                     ws.check(sync=True)
                     record("all_reduce", M, impl, us, variant=variant, grid=eff, zero_copy=zc)
-        # ---- ours, Lamport (barrier-free push; small sizes only): grid x warps
-        from tdcompile.kernels import all_reduce_lamport as lam
+        # ---- ours, Lamport (barrier-free push; small sizes only), one- and two-shot: grid x warps
+        from tdcompile.kernels import all_reduce_lamport as lam, all_reduce_lamport2 as lam2
         if lam.unsupported_reason(ws, x) is None:
-            for nw in (4, 8, 16):
-                for g in grids:
-                    eff = lam.grid_size(ws, M * N, g, nw * 32 * lam.VEC)
-                    if ("lamport", nw, eff) in seen:
-                        continue
-                    seen.add(("lamport", nw, eff))
-                    impl = f"tdist_lamport_w{nw}_g{eff}"
-                    o = lam.all_reduce_lamport(ws, x, out=out, ctas=g, num_warps=nw)
-                    ws.check(sync=True)
-                    if not all_ok(rel_err(o, ref) < 1e-2 and ("one_shot" not in base or torch.equal(o, base["one_shot"]))):
-                        log0(f"  {impl}: WRONG result vs NCCL / one_shot, skipped")
-                        continue
-                    us = time_graph(lambda: lam.all_reduce_lamport(ws, x, out=out, ctas=g, num_warps=nw),
-                                    args.calls, args.reps)
-                    ws.check(sync=True)
-                    record("all_reduce", M, impl, us, variant="lamport", grid=eff, num_warps=nw)
+            for name, fn in (("lamport", lam.all_reduce_lamport), ("lamport2", lam2.all_reduce_lamport2)):
+                for nw in (4, 8, 16):
+                    for g in grids:
+                        eff = lam.grid_size(ws, M * N, g, nw * 32 * lam.VEC)
+                        if (name, nw, eff) in seen:
+                            continue
+                        seen.add((name, nw, eff))
+                        impl = f"tdist_{name}_w{nw}_g{eff}"
+                        o = fn(ws, x, out=out, ctas=g, num_warps=nw)
+                        ws.check(sync=True)
+                        if not all_ok(rel_err(o, ref) < 1e-2 and ("one_shot" not in base or torch.equal(o, base["one_shot"]))):
+                            log0(f"  {impl}: WRONG result vs NCCL / one_shot, skipped")
+                            continue
+                        us = time_graph(lambda: fn(ws, x, out=out, ctas=g, num_warps=nw), args.calls, args.reps)
+                        ws.check(sync=True)
+                        record("all_reduce", M, impl, us, variant=name, grid=eff, num_warps=nw)
         # ---- ours, one-shot zero copy at large sizes: more 16-B vectors in flight per thread
         if M >= 1024:
             for unroll in (1, 4):

@@ -52,6 +52,7 @@ case ${STAGE:-prep} in
       gate tests/gpu/test_all_reduce_rmsnorm_lamport.py all_reduce_rmsnorm/fused:lamport
       gate tests/gpu/test_gemm_all_reduce_ce.py gemm_all_reduce/fused:ce2,gemm_all_reduce/fused:ce4
     fi
+    gate tests/gpu/test_all_reduce_lamport2.py fused:lamport2
     export TDCOMPILE_SKIP_CANDIDATES=$SKIPS
     TDCOMPILE_SPIN_TIMEOUT_S=5 step "${TEST_T:-150}" python3 -m pytest -q -rs -p no:cacheprovider -m multigpu \
       ${MG_TESTS:-tests/gpu/test_multigpu.py::test_every_family_runs_and_matches_unfused}

@@ -30,10 +30,10 @@ REPLAYS = 15
 
 CANDIDATES = {
     "all_reduce": ["unfused", "fused:one_shot", "fused:two_shot", "fused:lamport", "symm_mem:one_shot",
-                   "symm_mem:two_shot"],
+                   "symm_mem:two_shot", "fused:lamport2"],
     "gemm_all_reduce": ["unfused", "fused", "fused:one_shot", "fused:two_shot", "symm_mem:one_shot",
                         "symm_mem:two_shot", "fused:lamport", "fused:pipe2", "fused:pipe4", "fused:pipe2_nccl",
-                        "fused:pipe4_nccl", "fused:ce2", "fused:ce4"],
+                        "fused:pipe4_nccl", "fused:ce2", "fused:ce4", "fused:lamport2"],
     "all_reduce_rmsnorm": ["unfused", "fused:one_shot", "fused:two_shot", "fused:lamport"],
     "all_gather_gemm": ["unfused", "fused", "symm_mem"],
     "gemm_reduce_scatter": ["unfused", "fused", "symm_mem"],

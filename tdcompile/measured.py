@@ -65,6 +65,8 @@ def impl_files(op: str, impl: str) -> list[str]:
         extra = ["kernels/all_reduce_rmsnorm_lamport.py", "kernels/all_reduce_rmsnorm.py"] \
             if op == "all_reduce_rmsnorm" else []
         return base + ["kernels/all_reduce_lamport.py"] + extra
+    if var == "lamport2":
+        return base + ["kernels/all_reduce_lamport.py", "kernels/all_reduce_lamport2.py"]
     if var.startswith("pipe"):
         return base + ["ops/overlap.py", "kernels/all_reduce.py"]
     if var.startswith("ce"):

@@ -180,12 +180,18 @@ def _all_reduce_cuda(x: torch.Tensor, group_name: str, impl: str = "auto") -> to
         if variant(impl) == "lamport":
             from tdcompile.kernels.all_reduce_lamport import all_reduce_lamport
             return all_reduce_lamport(ws, x)
+        if variant(impl) == "lamport2":
+            from tdcompile.kernels.all_reduce_lamport2 import all_reduce_lamport2
+            return all_reduce_lamport2(ws, x)
         from tdcompile.kernels import all_reduce as k
         return k.all_reduce(ws, x, variant=variant(impl)) if variant(impl) else k.all_reduce(ws, x)
 
     def check_fused():
         if variant(impl) == "lamport":
             from tdcompile.kernels.all_reduce_lamport import prepare
+            return prepare(_workspace(group_name), x)
+        if variant(impl) == "lamport2":
+            from tdcompile.kernels.all_reduce_lamport2 import prepare
             return prepare(_workspace(group_name), x)
         from tdcompile.kernels.all_reduce import unsupported_reason
         return unsupported_reason(_workspace(group_name), x)

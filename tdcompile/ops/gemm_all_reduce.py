@@ -10,6 +10,7 @@ and ``run(ws, a, b, bias, group_name) -> out``:
 ``one_shot``,     zero copy: cuBLAS writes into this rank's symmetric input area, the
 ``two_shot``      all-reduce kernel reads it in place (``kernels/all_reduce.py``)
 ``lamport``       cuBLAS, then the barrier-free push all-reduce (``kernels/all_reduce_lamport.py``)
+``lamport2``      cuBLAS, then its two-shot form (``kernels/all_reduce_lamport2.py``)
 ``pipe<C>[_nccl]`` row chunks on two streams, each all-reduced beside the next GEMM chunk
                   (``ops/overlap.py``)
 ``ce<C>``         row chunks, each reduced on the copy engine beside the next GEMM chunk
@@ -40,6 +41,10 @@ def run(v: Optional[str], ws, a: torch.Tensor, b: torch.Tensor, bias: Optional[t
         from tdcompile.kernels.all_reduce_lamport import all_reduce_lamport
         y = _gemm(a, b, bias)                                             # [M, N]
         return all_reduce_lamport(ws, y, out=y)
+    if v == "lamport2":               # cuBLAS, then the barrier-free two-shot push all-reduce (in place)
+        from tdcompile.kernels.all_reduce_lamport2 import all_reduce_lamport2
+        y = _gemm(a, b, bias)                                             # [M, N]
+        return all_reduce_lamport2(ws, y, out=y)
     ce = overlap.parse_ce(v)
     if ce is not None:                # cuBLAS chunks, each reduced on the copy engine during the next
         from tdcompile.kernels.gemm_all_reduce_ce import gemm_all_reduce_ce
@@ -63,9 +68,9 @@ def prepare(v: Optional[str], ws, a: torch.Tensor, b: torch.Tensor, bias: Option
     if v is None:
         from tdcompile.kernels.gemm_all_reduce import unsupported_reason
         return unsupported_reason(ws, a, b, bias)
-    if v == "lamport":
-        from tdcompile.kernels.all_reduce_lamport import prepare
-        return prepare(ws, torch.empty(out_shape, dtype=a.dtype, device=a.device))
+    if v in ("lamport", "lamport2"):
+        from tdcompile.kernels import all_reduce_lamport as l1, all_reduce_lamport2 as l2
+        return (l1 if v == "lamport" else l2).prepare(ws, torch.empty(out_shape, dtype=a.dtype, device=a.device))
     ce = overlap.parse_ce(v)
     if ce is not None:
         from tdcompile.kernels import gemm_all_reduce_ce as k
