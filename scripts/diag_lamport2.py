@@ -60,6 +60,7 @@ for W, dtype in ((2, torch.float16), (4, torch.bfloat16)):
     rnd = random.Random(W * 17 + (dtype == torch.float16))
     shapes = sizes(W + 20 * (dtype == torch.float16))
     rnd.shuffle(shapes)
+    shapes = shapes + shapes[::-1]           # exactly the draws of test_back_to_back_varying_sizes
     ctas = [rnd.choice([None, None, 1, 3, 8, 64, 128]) for _ in shapes]
     warps = [rnd.choice([None, 4, 8, 16]) for _ in shapes]
     n = len(shapes)
