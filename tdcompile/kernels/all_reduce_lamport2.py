@@ -24,8 +24,10 @@ RS segment q of slot s of the owner's buffer receives rank q's values of the own
   1. RS push: every chunk of the input, 128-bit, into segment ``rank`` of slot s of its owner;
   2. clear own slot (s+2)%3 -- what the previous call wrote here: the RS segments of this
      rank's previous shard and the whole previous AG range;
-  3. reduce: for each chunk of this rank's shard poll the W RS segments (bounded), sum in fp32
-     in rank order, cast, and push the result into AG slot s of EVERY rank (own included);
+  3. reduce: for each chunk of this rank's shard that this CTA pushed in stage 1 (chunk ``it`` is
+     CTA ``it % G``'s in every stage, so a CTA never waits for another CTA of its own rank) poll the
+     W RS segments (bounded), sum in fp32 in rank order, cast, and push the result into AG slot s
+     of EVERY rank (own included);
   4. gather: poll own AG slot s for every chunk (bounded), decode, write ``out``;
   5. advance the control entries (as ``all_reduce_lamport``).
 A timed-out poll records an error (op ``all_reduce``, this rank) and the block skips the rest.
@@ -115,12 +117,12 @@ def _lamport2_kernel(x_ptr, out_ptr, n_arg, n8_arg, tab, ctl_ptr, cap8, err_addr
     tmo = timeout_us.to(tl.int64) * 1000
     t0 = globaltimer()
     ok = 1
-    lo = rank * S                                             # a multiple of BLOCK; >= n8: owns nothing,
-    hi = tl.minimum(lo + S, n8)                               # and the loop below is empty
+    lo = rank * S                                             # this rank's shard [lo, hi) (empty if lo >= n8)
+    hi = tl.minimum(lo + S, n8)
     cur = own + s * WORLD * cap
     a0, a1, a2, a3, a4, a5, a6, a7 = _bases(tab, DOFF + 3 * WORLD * cap + s * cap, tl.int16, WORLD)
-    for it in range(lo // BLOCK + pid, tl.cdiv(hi, BLOCK), G):
-        if ok != 0:
+    for it in range(pid, nblk, G):        # the chunks this CTA pushed in stage 1: no wait on another CTA
+        if (ok != 0) & (it * BLOCK >= lo) & (it * BLOCK < hi):
             o = it * BLOCK + offs
             ok, e0, e1, e2, e3, e4, e5, e6, e7 = _poll(cur, cap, o, o < hi, t0, tmo, BLOCK, WORLD)
             if ok != 0:
