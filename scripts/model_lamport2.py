@@ -11,7 +11,6 @@ def run(W, calls, seed):
     RS=[np.zeros((3,W,CAP),np.int32) for _ in range(W)]
     AG=[np.zeros((3,CAP),np.int32) for _ in range(W)]
     ctl=[[0,0] for _ in range(W)]   # s, prev(elements)
-    outs=[[None]*len(calls) for _ in range(W)]
     def cta(r, ci, n, G, BLOCK, pid):
         s, prev = ctl[r]
         n8 = cdiv(n,8)*8
