@@ -250,19 +250,47 @@ def prepare(ws: Workspace, x: torch.Tensor) -> str | None:
     return reason
 
 
-def region(ws: Workspace):
-    """(region, cap): the Lamport region at full capacity (allocated once, collectively, on
-    first use) and its segment capacity in elements (``LAMPORT_MAX_BYTES // 2``).  No growth:
-    growing between back-to-back calls would need a host sync while peers' kernels wait."""
-    prev = ws.regions.get(REGION)
+def region(ws: Workspace, name: str = REGION, segments: int | None = None):
+    """(region, cap): a Lamport region at full capacity (allocated once, collectively, on first
+    use) and its segment capacity in elements (``LAMPORT_MAX_BYTES // 2``): the control area,
+    then ``segments`` data segments (default 3 slots x W, this kernel's).  No growth: growing
+    between back-to-back calls would need a host sync while peers' kernels wait."""
+    prev = ws.regions.get(name)
     prev_ptr = prev.local.data_ptr() if prev is not None else None
-    reg = ws.region(REGION, CTL_BYTES + 3 * ws.world * CAP * 2)
+    reg = ws.region(name, CTL_BYTES + (3 * ws.world if segments is None else segments) * CAP * 2)
     if reg.local.data_ptr() != prev_ptr:  # fresh zero-filled copy on every rank: empty, state 0
         if ws.sim is None:                # no peer pushes before every rank's zero-fill is done
             ws.backend.barrier()
         else:
             torch.cuda.synchronize()
     return reg, CAP
+
+
+def launch_args(ws: Workspace, x: torch.Tensor, out: torch.Tensor | None, reg, cap: int):
+    """``(out, even, args)``: the output (allocated, or checked), whether the element count is a
+    multiple of 8, and the leading kernel arguments shared by the one- and two-shot kernels
+    (``x, out, n_arg, n8_arg, tab, ctl_ptr, cap8, err_addr, err_base, rank, timeout_us``)."""
+    n = x.numel()
+    if out is None:
+        out = torch.empty_like(x)
+    if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous {tuple(x.shape)} {x.dtype}")
+    even = n % VEC == 0
+    n8 = triton.cdiv(n, VEC)
+    ctl = reg.local[:CTL_BYTES].view(torch.int32)
+    return out, even, (x, out, n8 if even else n, n8, reg.ptrs, ctl, cap // VEC, ws.err_addr,
+                       err_base(OP_ID, ws.rank), ws.rank, ws.timeout_us)
+
+
+def launch(kernel, grid, args, kw):
+    """Generator for a ``phased`` launcher: compile + load both EVEN variants (so that a later
+    size change loads no module while this rank's previous kernel spins, simulated ranks), yield
+    to the peers, then launch."""
+    from tdcompile.kernels.tiles import preload
+    for ev in (kw["EVEN"], not kw["EVEN"]):
+        preload(kernel, grid, *args, **{**kw, "EVEN": ev})
+    yield
+    kernel[grid](*args, **kw)
 
 
 def grid_size(ws: Workspace, n: int, ctas: int | None = None, block: int = BLOCK) -> int:
@@ -284,26 +312,10 @@ def all_reduce_lamport(ws: Workspace, x: torch.Tensor, out: torch.Tensor | None 
     reason = unsupported_reason(ws, x)
     if reason:
         raise _Unsupported(reason)
-    n = x.numel()
     reg, cap = region(ws)
     x = x.contiguous()
-    if out is None:
-        out = torch.empty_like(x)
-    if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous {tuple(x.shape)} {x.dtype}")
-    even = n % VEC == 0
-    n8 = triton.cdiv(n, VEC)
-    ctl = reg.local[:CTL_BYTES].view(torch.int32)
-    args = (x, out, n8 if even else n, n8, reg.ptrs, ctl, cap // VEC, ws.err_addr, err_base(OP_ID, ws.rank),
-            ws.rank, ws.timeout_us)
+    out, even, args = launch_args(ws, x, out, reg, cap)
     nw = num_warps or NUM_WARPS           # chunk = one 16-B vector per thread per segment
     kw = dict(WORLD=ws.world, EVEN=even, BLOCK=nw * 32 * VEC, MAXB=MAX_CTAS, DOFF=DATA_OFF, num_warps=nw)
-    grid = (grid_size(ws, n, ctas, nw * 32 * VEC),)
-    from tdcompile.kernels.tiles import preload
-    # compile + load before anything waits on a peer; both EVEN variants, so that a later size
-    # change loads no module while this rank's previous kernel spins (simulated ranks)
-    for ev in (even, not even):
-        preload(_lamport_kernel, grid, *args, **{**kw, "EVEN": ev})
-    yield
-    _lamport_kernel[grid](*args, **kw)
+    yield from launch(_lamport_kernel, (grid_size(ws, x.numel(), ctas, nw * 32 * VEC),), args, kw)
     return out

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from tdcompile.kernels import all_reduce_lamport as lam
-from tdcompile.kernels.all_reduce import _bases, err_base
+from tdcompile.kernels.all_reduce import _bases
 from tdcompile.kernels.all_reduce_lamport import _advance, _clear, _or, _poll, _push, _sum_words
 from tdcompile.kernels.signals import globaltimer, peer_base, record_error
 from tdcompile.kernels.symm import Workspace, _Unsupported, phased
@@ -148,17 +148,8 @@ def unsupported_reason(ws: Workspace, x: torch.Tensor) -> str | None:
 
 
 def region(ws: Workspace):
-    """(region, cap): ``ar.lamport2`` at full size (allocated once, collectively, zero-filled =
-    empty, every rank synced once after allocation) and its segment capacity in elements."""
-    prev = ws.regions.get(REGION)
-    prev_ptr = prev.local.data_ptr() if prev is not None else None
-    reg = ws.region(REGION, lam.CTL_BYTES + 3 * (ws.world + 1) * lam.CAP * 2)
-    if reg.local.data_ptr() != prev_ptr:
-        if ws.sim is None:
-            ws.backend.barrier()
-        else:
-            torch.cuda.synchronize()
-    return reg, lam.CAP
+    """(region, cap): ``ar.lamport2`` (RS 3 x W segments, then AG 3 segments) at full size."""
+    return lam.region(ws, REGION, 3 * (ws.world + 1))
 
 
 def prepare(ws: Workspace, x: torch.Tensor) -> str | None:
@@ -182,25 +173,11 @@ def all_reduce_lamport2(ws: Workspace, x: torch.Tensor, out: torch.Tensor | None
     nw = num_warps or NUM_WARPS
     if nw not in WARPS:
         raise ValueError(f"num_warps must be one of {WARPS}, got {nw}")
-    n = x.numel()
     reg, cap = region(ws)
     x = x.contiguous()
-    if out is None:
-        out = torch.empty_like(x)
-    if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous {tuple(x.shape)} {x.dtype}")
-    even = n % lam.VEC == 0
-    n8 = triton.cdiv(n, lam.VEC)
-    ctl = reg.local[:lam.CTL_BYTES].view(torch.int32)
-    args = (x, out, n8 if even else n, n8, reg.ptrs, ctl, cap // lam.VEC, ws.err_addr, err_base(lam.OP_ID, ws.rank),
-            ws.rank, ws.timeout_us)
+    out, even, args = lam.launch_args(ws, x, out, reg, cap)
     kw = dict(WORLD=ws.world, EVEN=even, BLOCK=nw * 32 * lam.VEC, MAXB=lam.MAX_CTAS, DOFF=lam.DATA_OFF,
               UNIT=UNIT, num_warps=nw)
-    from tdcompile.kernels.tiles import num_sms, preload
-    limit = num_sms() if ws.sim is None else max(1, num_sms() // ws.world)
-    grid = (max(1, min(triton.cdiv(n, nw * 32 * lam.VEC), ctas or DEFAULT_CTAS, limit, lam.MAX_CTAS)),)
-    for ev in (even, not even):           # load both variants before anything waits on a peer
-        preload(_lamport2_kernel, grid, *args, **{**kw, "EVEN": ev})
-    yield
-    _lamport2_kernel[grid](*args, **kw)
+    yield from lam.launch(_lamport2_kernel, (lam.grid_size(ws, x.numel(), ctas or DEFAULT_CTAS, nw * 32 * lam.VEC),),
+                          args, kw)
     return out
