@@ -5,12 +5,13 @@ import torch
 _WORLDS: dict = {}
 
 
-def world(W: int):
-    """The process-wide simulated world of ``W`` ranks (created on first use)."""
+def world(W: int, tag: str = ""):
+    """The process-wide simulated world of ``W`` ranks (created on first use); ``tag`` keeps a
+    separate one, e.g. per kernel, so a kernel whose test breaks its world breaks no other."""
     from tdcompile.kernels.symm import SimWorld
-    if W not in _WORLDS:
-        _WORLDS[W] = SimWorld(W)
-    return _WORLDS[W]
+    if (W, tag) not in _WORLDS:
+        _WORLDS[(W, tag)] = SimWorld(W)
+    return _WORLDS[(W, tag)]
 
 
 def poison(t: torch.Tensor) -> torch.Tensor:

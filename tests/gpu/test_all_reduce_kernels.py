@@ -314,13 +314,6 @@ def test_peer_never_arrives(op, variant):
 from tdcompile.launch import SAFE_ENV as ENV  # noqa: E402
 
 
-def _port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world_size, port, q):
     os.environ.update(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TDCOMPILE_SPIN_TIMEOUT_S="60",
                       TDCOMPILE_MAX_M="4096", NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME="lo")
@@ -425,14 +418,6 @@ def _worker(rank, world_size, port, q):
 def test_real_processes(world_size):
     if torch.cuda.device_count() < world_size:
         pytest.skip(f"needs {world_size} GPUs")
-    import torch.multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, q)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    res = dict(q.get(timeout=600) for _ in range(world_size))
-    for p in procs:
-        p.join(timeout=60)
+    from real_ranks import spawn
+    res = spawn(_worker, world_size, timeout=600)
     assert all(v == "ok" for v in res.values()), res

@@ -1,4 +1,5 @@
-"""Lamport (barrier-free, one-shot) all-reduce: tdcompile/kernels/all_reduce_lamport.py.
+"""Lamport (barrier-free) all-reduce: tdcompile/kernels/all_reduce_lamport.py (one-shot) and
+all_reduce_lamport2.py (two-shot); the simulated-rank tests run both (``kernel`` parameter).
 
 ``gpu``: one GPU, simulated ranks (SimWorld).  The offline PTX compile (sm_90) and the support
 checks need only Triton, no GPU, but tests/gpu/conftest.py skips this directory without CUDA;
@@ -65,13 +66,25 @@ def sizes(seed, n=N_CASES):
     return fixed + [(rnd.randint(1, 200), rnd.choice([7, 64, 100, 1032, 4096, 5120, 8192])) for _ in range(n)]
 
 
-def _loop(ws, xs, outs, ctas, warps=None):
+KERNELS = ["lamport", "lamport2"]
+
+
+def kernel_fn(name):
+    """The launcher of the one-shot (``lamport``) or two-shot (``lamport2``) kernel."""
+    if name == "lamport":
+        from tdcompile.kernels.all_reduce_lamport import all_reduce_lamport
+        return all_reduce_lamport
+    from tdcompile.kernels.all_reduce_lamport2 import all_reduce_lamport2
+    return all_reduce_lamport2
+
+
+def _loop(ws, xs, outs, ctas, warps=None, kernel="lamport"):
     """Per-rank generator: back-to-back calls on this rank's stream, no host sync; grid and
     chunk size (``num_warps``) may change from call to call (the same on every rank)."""
-    from tdcompile.kernels.all_reduce_lamport import all_reduce_lamport
+    fn = kernel_fn(kernel)
     got = []
     for x, o, c, w in zip(xs, outs, ctas, warps or [None] * len(xs)):
-        got.append((yield from all_reduce_lamport(ws, x, out=o, ctas=c, num_warps=w)))
+        got.append((yield from fn(ws, x, out=o, ctas=c, num_warps=w)))
     return got
 
 
@@ -126,11 +139,13 @@ def test_unsupported_reason():
 
 # ------------------------------------------------------------------------------ simulated ranks
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("W", [2, 4])
-def test_back_to_back_varying_sizes(W, dtype):
-    """All calls of the list in flight at once (no host sync); sizes shrink and grow, grids vary."""
-    sim = world(W)
+def test_back_to_back_varying_sizes(W, dtype, kernel):
+    """All calls of the list in flight at once (no host sync); sizes shrink and grow (for the
+    two-shot kernel, ranks that own no shard included), grids and chunk sizes vary."""
+    sim = world(W, kernel)
     rnd = random.Random(W * 31 + (dtype == torch.float16))
     shapes = sizes(W + 10 * (dtype == torch.float16))
     rnd.shuffle(shapes)
@@ -141,9 +156,10 @@ def test_back_to_back_varying_sizes(W, dtype):
     warps = [rnd.choice([None, 4, 8, 16]) for _ in shapes]
     for w in sorted(set(warps), key=str):   # load every variant first: no module load while a peer spins
         x1 = rank_inputs((1, 8), W, dtype, seed=5)
-        sim.run(lambda ws, x: _loop(ws, [x], [None], [None], [w]), [(x1[r],) for r in range(W)])
+        sim.run(lambda ws, x: _loop(ws, [x], [None], [None], [w], kernel), [(x1[r],) for r in range(W)])
         sim.check()
-    sim.run(lambda ws, xl, ol: _loop(ws, xl, ol, ctas, warps), [([x[r] for x in xs], outs[r]) for r in range(W)])
+    sim.run(lambda ws, xl, ol: _loop(ws, xl, ol, ctas, warps, kernel),
+            [([x[r] for x in xs], outs[r]) for r in range(W)])
     sim.check()
     for i, s in enumerate(shapes):
         for r in range(W):
@@ -151,30 +167,32 @@ def test_back_to_back_varying_sizes(W, dtype):
     # the same again, one call per sim.run (host between calls), default output
     for i, s in enumerate(shapes[:10]):
         xi = rank_inputs(s, W, dtype, seed=7 + i)
-        got = sim.run(lambda ws, x: _loop(ws, [x], [None], [None]), [(xi[r],) for r in range(W)])
+        got = sim.run(lambda ws, x: _loop(ws, [x], [None], [None], kernel=kernel), [(xi[r],) for r in range(W)])
         sim.check()
         for r in range(W):
             check(got[r][0], xi, dtype, ("single", s, r))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("W", [2, 4])
-def test_all_negative_zero_gives_positive_zero(W):
-    from tdcompile.kernels.all_reduce_lamport import all_reduce_lamport
-    sim = world(W)
+def test_all_negative_zero_gives_positive_zero(W, kernel):
+    fn = kernel_fn(kernel)
+    sim = world(W, kernel)
     xs = [torch.full((3, 40), -0.0, device="cuda", dtype=torch.bfloat16) for _ in range(W)]
-    outs = sim.run(lambda ws, x: all_reduce_lamport(ws, x), [(xs[r],) for r in range(W)])
+    outs = sim.run(lambda ws, x: fn(ws, x), [(xs[r],) for r in range(W)])
     sim.check()
     for o in outs:
         assert torch.equal(o.view(torch.int16), torch.zeros_like(o).view(torch.int16))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("W", [2, 4])
-def test_cuda_graph_replays(W):
+def test_cuda_graph_replays(W, kernel):
     """5 calls of different sizes per replay (not a multiple of 3: the slot rotation shifts
     from replay to replay, driven by the device counters only); same bits every replay."""
-    sim = world(W)
+    sim = world(W, kernel)
     dtype = torch.bfloat16
     shapes = [(1, 5120), (64, 5120), (3, 7), (1, 8192), (200, 1000)]
     ctas = [None, 8, None, 3, None]
@@ -182,7 +200,8 @@ def test_cuda_graph_replays(W):
     outs = [[torch.empty(s, device="cuda", dtype=dtype) for s in shapes] for _ in range(W)]
 
     def body():
-        sim.run(lambda ws, xl, ol: _loop(ws, xl, ol, ctas), [([x[r] for x in xs], outs[r]) for r in range(W)])
+        sim.run(lambda ws, xl, ol: _loop(ws, xl, ol, ctas, kernel=kernel),
+                [([x[r] for x in xs], outs[r]) for r in range(W)])
 
     body()                                    # warm-up: region, compiles
     sim.check()
@@ -218,12 +237,13 @@ def test_cuda_graph_replays(W):
 
 
 @pytest.mark.gpu
-def test_peer_never_arrives():
-    from tdcompile.kernels.all_reduce_lamport import all_reduce_lamport
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_peer_never_arrives(kernel):
     from tdcompile.kernels.symm import SimWorld
+    fn = kernel_fn(kernel)
     sim = SimWorld(2, timeout_s=0.2)
     x = rank_inputs((64, 512), 2, torch.bfloat16, seed=3)[0]
-    sim.run(lambda ws: all_reduce_lamport(ws, x), [()], ranks=[0])    # rank 1 never calls
+    sim.run(lambda ws: fn(ws, x), [()], ranks=[0])                    # rank 1 never calls
     with pytest.raises(RuntimeError, match=r"all_reduce: rank 0 timed out waiting for a peer"):
         sim.check()
     with pytest.raises(RuntimeError, match="rank 0"):                  # stays raised
@@ -231,10 +251,12 @@ def test_peer_never_arrives():
 
 
 @pytest.mark.gpu
-def test_unsupported_raises():
-    from tdcompile.kernels.all_reduce_lamport import LAMPORT_MAX_BYTES, all_reduce_lamport
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_unsupported_raises(kernel):
+    from tdcompile.kernels.all_reduce_lamport import LAMPORT_MAX_BYTES
     from tdcompile.kernels.symm import _Unsupported
-    sim = world(2)
+    fn = kernel_fn(kernel)
+    sim = world(2, kernel)
     big = torch.zeros(LAMPORT_MAX_BYTES // 2 + 8, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(_Unsupported):
-        sim.run(lambda ws: all_reduce_lamport(ws, big), [(), ()])
+        sim.run(lambda ws: fn(ws, big), [(), ()])

@@ -1,26 +1,18 @@
-"""Two-shot Lamport all-reduce: tdcompile/kernels/all_reduce_lamport2.py.
+"""Two-shot Lamport all-reduce: tdcompile/kernels/all_reduce_lamport2.py -- what is its own.
 
-``gpu``: one GPU, simulated ranks (SimWorld); the offline PTX check needs only Triton (run it on
-a CPU machine with ``pytest --noconftest -m gpu -k ptx <this file>``).  Same exactness contract
-as the one-shot kernel: bit-identical to the fp32 rank-order sum of the inputs with -0.0 replaced
-by +0.0, on every rank (the owner of a shard casts once, every rank receives its bits)."""
+Its simulated-rank behaviour (back-to-back calls of varying size, graph replays, -0.0, a missing
+peer, oversize input) is tested with the one-shot kernel's, in test_all_reduce_lamport.py
+(``kernel`` = ``lamport2``): the same exactness contract, bit-identical to the fp32 rank-order
+sum (the owner of a shard casts once, every rank receives its bits).  Here: the offline PTX
+(``pytest --noconftest -m gpu -k ptx <this file>`` on a CPU machine), the chunk-size check and
+real processes."""
 import os
 import random
 import re
 
 import pytest
 import torch
-from sim_ranks import poison, world  # noqa: E402  (tests/gpu helpers)
-from test_all_reduce_lamport import check, rank_inputs, sizes  # noqa: E402
-
-
-def _loop(ws, xs, outs, ctas, warps=None):
-    """Per-rank generator: back-to-back calls, no host sync; grid and chunk size vary per call."""
-    from tdcompile.kernels.all_reduce_lamport2 import all_reduce_lamport2
-    got = []
-    for x, o, c, w in zip(xs, outs, ctas, warps or [None] * len(xs)):
-        got.append((yield from all_reduce_lamport2(ws, x, out=o, ctas=c, num_warps=w)))
-    return got
+from sim_ranks import world  # noqa: E402  (tests/gpu helper)
 
 
 @pytest.mark.gpu
@@ -48,97 +40,9 @@ def test_ptx_128bit_peer_accesses(W):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("W", [2, 4])
-def test_back_to_back_varying_sizes(W, dtype):
-    """All calls in flight at once; sizes shrink and grow (ranks owning nothing included), grid
-    and chunk size change from call to call."""
-    sim = world(W)
-    rnd = random.Random(W * 17 + (dtype == torch.float16))
-    shapes = sizes(W + 20 * (dtype == torch.float16))
-    rnd.shuffle(shapes)
-    shapes = shapes + shapes[::-1]
-    xs = [rank_inputs(s, W, dtype, seed=2000 * W + i) for i, s in enumerate(shapes)]
-    outs = [[poison(torch.empty(s, device="cuda", dtype=dtype)) for s in shapes] for _ in range(W)]
-    ctas = [rnd.choice([None, None, 1, 3, 8, 64, 128]) for _ in shapes]
-    warps = [rnd.choice([None, 4, 8, 16]) for _ in shapes]
-    for w in sorted(set(warps), key=str):   # load every variant first: no module load while a peer spins
-        x1 = rank_inputs((1, 8), W, dtype, seed=5)
-        sim.run(lambda ws, x: _loop(ws, [x], [None], [None], [w]), [(x1[r],) for r in range(W)])
-        sim.check()
-    sim.run(lambda ws, xl, ol: _loop(ws, xl, ol, ctas, warps), [([x[r] for x in xs], outs[r]) for r in range(W)])
-    sim.check()
-    for i, s in enumerate(shapes):
-        for r in range(W):
-            check(outs[r][i], xs[i], dtype, (i, s, r, ctas[i], warps[i]))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("W", [2, 4])
-def test_cuda_graph_replays_and_eager_after(W):
-    """5 calls per replay (the slot rotation shifts from replay to replay, device state only)."""
-    sim = world(W)
-    dtype = torch.bfloat16
-    shapes = [(128, 5120), (64, 5120), (3, 7), (1, 8192), (200, 1000)]
-    ctas = [None, 8, None, 3, None]
-    xs = [rank_inputs(s, W, dtype, seed=60 + i) for i, s in enumerate(shapes)]
-    outs = [[torch.empty(s, device="cuda", dtype=dtype) for s in shapes] for _ in range(W)]
-
-    def body():
-        sim.run(lambda ws, xl, ol: _loop(ws, xl, ol, ctas), [([x[r] for x in xs], outs[r]) for r in range(W)])
-
-    def verify(tag):
-        for i in range(len(shapes)):
-            for r in range(W):
-                check(outs[r][i], xs[i], dtype, (tag, i, r))
-    body()
-    sim.check()
-    verify("eager")
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        body()
-    for k in range(int(os.environ.get("TDCOMPILE_TEST_REPLAYS", "31"))):
-        for o in outs:
-            for t in o:
-                poison(t)
-        g.replay()
-        if k % 10 == 0:
-            sim.check()
-            verify(k)
-    sim.check()
-    verify("last")
-    for i, s in enumerate(shapes):                # new values, same buffers
-        fresh = rank_inputs(s, W, dtype, seed=95 + i)
-        for r in range(W):
-            xs[i][r].copy_(fresh[r])
-    g.replay()
-    sim.check()
-    verify("new inputs")
-    body()
-    sim.check()
-    verify("eager after graph")
-
-
-@pytest.mark.gpu
-def test_peer_never_arrives():
+def test_bad_num_warps_is_refused():
     from tdcompile.kernels.all_reduce_lamport2 import all_reduce_lamport2
-    from tdcompile.kernels.symm import SimWorld
-    sim = SimWorld(2, timeout_s=0.2)
-    x = rank_inputs((64, 512), 2, torch.bfloat16, seed=3)[0]
-    sim.run(lambda ws: all_reduce_lamport2(ws, x), [()], ranks=[0])    # rank 1 never calls
-    with pytest.raises(RuntimeError, match=r"all_reduce: rank 0 timed out waiting for a peer"):
-        sim.check()
-
-
-@pytest.mark.gpu
-def test_bad_num_warps_and_size_are_refused():
-    from tdcompile.kernels.all_reduce_lamport import LAMPORT_MAX_BYTES
-    from tdcompile.kernels.all_reduce_lamport2 import all_reduce_lamport2
-    from tdcompile.kernels.symm import _Unsupported
-    sim = world(2)
-    big = torch.zeros(LAMPORT_MAX_BYTES // 2 + 8, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(_Unsupported):
-        sim.run(lambda ws: all_reduce_lamport2(ws, big), [(), ()])
+    sim = world(2, "lamport2")
     x = torch.zeros(64, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="num_warps"):
         sim.run(lambda ws: all_reduce_lamport2(ws, x, num_warps=2), [(), ()])
@@ -189,19 +93,6 @@ def test_real_processes(world_size):
     back to back without host sync: matches NCCL, the same bits every round."""
     if torch.cuda.device_count() < world_size:
         pytest.skip(f"needs {world_size} GPUs")
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, q)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    res = dict(q.get(timeout=300) for _ in range(world_size))
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
+    from real_ranks import spawn
+    res = spawn(_worker, world_size, timeout=300)
     assert all(v == "ok" for v in res.values()), res

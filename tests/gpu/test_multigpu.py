@@ -9,7 +9,6 @@
   -- no rank waits on a peer that fell back -- and the results stay right.
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -25,12 +24,6 @@ IMPLS = {
     "all_gather_gemm": ["fused", "symm_mem"],
     "all_reduce_rmsnorm": ["fused:one_shot", "fused:two_shot", "fused:lamport"],
 }
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _call(op, impl, x, a, b, sh, g, W):
@@ -134,18 +127,8 @@ def _worker(rank, world, port, q, fault):
 
 
 def _spawn(world, fault=False):
-    import torch.multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    q, port = ctx.Queue(), _port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, q, fault)) for r in range(world)]
-    for p in procs:
-        p.start()
-    res = dict(q.get(timeout=400) for _ in range(world))
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
-    return res
+    from real_ranks import spawn
+    return spawn(_worker, world, fault)
 
 
 @pytest.mark.parametrize("world", [2, 4])
