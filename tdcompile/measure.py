@@ -29,11 +29,11 @@ REPLAYS = 15
 """Timed graph replays (after 3 untimed ones)."""
 
 CANDIDATES = {
-    "all_reduce": ["unfused", "fused:one_shot", "fused:two_shot", "fused:lamport", "symm_mem:one_shot",
-                   "symm_mem:two_shot"],
+    "all_reduce": ["unfused", "fused:one_shot", "fused:two_shot", "fused:lamport", "fused:lamport2",
+                   "symm_mem:one_shot", "symm_mem:two_shot"],
     "gemm_all_reduce": ["unfused", "fused", "fused:one_shot", "fused:two_shot", "symm_mem:one_shot",
-                        "symm_mem:two_shot", "fused:lamport", "fused:pipe2", "fused:pipe4", "fused:pipe2_nccl",
-                        "fused:pipe4_nccl", "fused:ce2", "fused:ce4"],
+                        "symm_mem:two_shot", "fused:lamport", "fused:lamport2", "fused:pipe2", "fused:pipe4",
+                        "fused:pipe2_nccl", "fused:pipe4_nccl", "fused:ce2", "fused:ce4"],
     "all_reduce_rmsnorm": ["unfused", "fused:one_shot", "fused:two_shot", "fused:lamport"],
     "all_gather_gemm": ["unfused", "fused", "symm_mem"],
     "gemm_reduce_scatter": ["unfused", "fused", "symm_mem"],
@@ -41,10 +41,10 @@ CANDIDATES = {
 """Candidate impls per op: a static list, the same on every rank (the order of the agreed vector).
 A new kernel joins only with its GPU tests: a candidate the shipped tables lack makes every first
 call of a shape re-measure it (``scripts/gpu_session.sh`` runs a new kernel's simulated-rank tests
-first and, if they fail, leaves it out with ``TDCOMPILE_SKIP_CANDIDATES``).  Not yet: ``fused:lamport2``
-(``kernels/all_reduce_lamport2.py``, two-shot Lamport): 10.7 us vs 13.1 for ``two_shot`` at
-128x5120 on 4xH200 with results bit-equal to NCCL's, but its back-to-back simulated-rank tests with
-varying sizes time out (2026-11-27), so it stays out of ``auto``."""
+first and, if they fail, leaves it out with ``TDCOMPILE_SKIP_CANDIDATES``).  ``fused:lamport2``
+(``kernels/all_reduce_lamport2.py``, two-shot Lamport: 10.7 us vs 13.1 for ``two_shot`` at 128x5120
+on 4xH200) joined after its stage 3 stopped waiting on other CTAs of its own rank; the session
+script gates it on its simulated-rank and real-process tests."""
 
 
 def candidates(op: str) -> list:
