@@ -140,8 +140,12 @@ def preload(kernel, grid, *args, **kwargs):
     waits on another rank: loading a module while a spinning kernel runs can block (the
     deadlock in GPU_NOTES).  Cached by a cheap key mirroring Triton's specialisation."""
     import torch
+    # keyword arguments are constexprs and launch options (BLOCK, num_warps, EVEN...): every value
+    # is its own variant -- keyed by _spec, num_warps=4 and 8 (or BLOCK 1024 and 2048) collided,
+    # so the second was compiled at its first launch, with a simulated peer spinning (the W=4
+    # two-shot Lamport test timeouts of 2026-11-27)
     key = (id(kernel), torch.cuda.current_device(), tuple(_spec(a) for a in args),
-           tuple(sorted((k, _spec(v)) for k, v in kwargs.items())))
+           tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
     if key in _LOADED:
         return
     ck = kernel.warmup(*args, grid=grid, **kwargs)
