@@ -37,7 +37,7 @@ inspect() {   # the report on a GPU: every match with its candidates' measured m
 }
 bench() {
   step "${BENCH_T:-420}" torchrun --nproc_per_node "$NP" -m tdcompile.bench --model qwen3-32b --layers 8 \
-    --iters "${ITERS:-40}" --columns "${COLUMNS:-eager,inductor,async_tp,bound,tdist}" --cases "$CASES" --out "$OUT"
+    --iters "${ITERS:-40}" --columns "${COLUMNS:-eager,inductor,inductor_again,async_tp,bound,tdist}" --cases "$CASES" --out "$OUT"
 }
 START=$SECONDS
 left() { echo $(( ${DEADLINE:-570} - (SECONDS - START) )); }

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from tdcompile import timing
-from tdcompile.bench_cases import (BASELINES, COLUMNS, HEADERS, Row, free_model, large_batch, plan_for,  # noqa: F401
+from tdcompile.bench_cases import (BASELINES, COLUMNS, HEADERS, NOISE, Row, free_model, large_batch, plan_for,  # noqa: F401
                                    prepare_row, rows_for, run_infer)
 from tdcompile.check import check
 from tdcompile.engine import Timer
@@ -72,6 +72,8 @@ def table(results: dict, rows: list[Row], avail: list[str]) -> list[dict]:
         d["vs best baseline"] = round(min(base) / r["tdist"], 3) if base and num("tdist") else "n/a"
         gap = num("inductor") and num("bound") and num("tdist") and r["inductor"] - r["bound"] > 1e-6
         d["gap closed"] = round((r["inductor"] - r["tdist"]) / (r["inductor"] - r["bound"]), 3) if gap else "n/a"
+        if NOISE in avail:      # same code twice: the spread to read "vs inductor" against
+            d["inductor / again"] = round(r["inductor"] / r[NOISE], 3) if num("inductor") and num(NOISE) else "n/a"
         out.append(d)
     return out
 
@@ -122,7 +124,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=None, help="timed iterations per case (20; quick 3)")
     p.add_argument("--infer-runs", type=int, default=3, help="timed generate() runs of the inference row (default 3)")
     p.add_argument("--columns", default=",".join(COLUMNS),
-                   help="comma-separated columns: eager, inductor, async_tp, bound, tdist, or tdist:<strategy> "
+                   help="comma-separated columns: eager, inductor, async_tp, bound, tdist, inductor_again (Inductor "
+                        "compiled twice: the noise of this run), or tdist:<strategy> "
                         f"to force one (default {','.join(COLUMNS)})")
     p.add_argument("--cases", default=None, help="comma-separated substrings (or '=name' for an exact name); "
                                                  "keep only matching cases")

@@ -14,7 +14,12 @@ from tdcompile.timing import measure_values
 
 COLUMNS = ("eager", "inductor", "async_tp", "bound", "tdist")
 BASELINES = ("eager", "inductor", "async_tp")
-HEADERS = {"eager": "eager TP", "inductor": "inductor", "async_tp": "async-TP", "bound": "bound", "tdist": "tdist"}
+HEADERS = {"eager": "eager TP", "inductor": "inductor", "async_tp": "async-TP", "bound": "bound", "tdist": "tdist",
+           "inductor_again": "inductor again"}
+NOISE = "inductor_again"
+"""Opt-in column: plain Inductor compiled a second time and timed beside the first (METHOD: "time
+the same version twice"); ``inductor / again`` in the table is the spread that same code shows in
+this run, against which a tdist ratio near 1 (e.g. a row where nothing was fused) is read."""
 
 
 @dataclass
@@ -83,7 +88,7 @@ def compiler(column: str, args):
         return "tdist", {**tdist_options(args), "strategy": column.split(":", 1)[1]}
     if column == "async_tp":
         return "inductor", {"_micro_pipeline_tp": True}
-    return "inductor", None
+    return "inductor", None         # inductor, inductor_again (a separate torch.compile: its own compile)
 
 
 def plan_for(column: str, row: Row) -> str:

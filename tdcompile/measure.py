@@ -124,8 +124,9 @@ def graph_us(fn, repeat: int = REPEAT, replays: int = REPLAYS) -> float:
     return statistics.median(times)
 
 
-def measure_key(key: measured.Key, group_name: str) -> dict:
-    """``{impl: us}`` on this rank (inf: failed, wrong or fell back); a collective."""
+def measure_key(key: measured.Key, group_name: str, only: list | None = None) -> dict:
+    """``{impl: us}`` on this rank (inf: failed, wrong or fell back) for every candidate of
+    ``key.op``, or for ``only`` those (the ones a shipped entry lacks); a collective."""
     import torch.distributed as dist
     from tdcompile.ops import cuda as opc
 
@@ -134,7 +135,7 @@ def measure_key(key: measured.Key, group_name: str) -> dict:
     args = _inputs(key, rank)
     expected = _call(key, "unfused", args, group_name)
     times = {}
-    for c in candidates(key.op):
+    for c in (candidates(key.op) if only is None else only):
         ok, why = True, ""
         try:
             before = opc.RAN[(key.op, family(c))]

@@ -283,26 +283,43 @@ def max_over_ranks(times: dict, names: list, group_name: str) -> dict:
 _AGREED: dict[tuple, tuple[str, dict, str]] = {}
 
 
+def _record_and_save(tab: "Table", key: Key, times: dict, source: str, group_name: str) -> None:
+    """Record ``times`` as ``key``'s entry; rank 0 merges it into the user cache file."""
+    tab.record(key, times, source)
+    import torch.distributed as dist
+    if dist.get_rank(_group(group_name)) == 0:
+        try:
+            path = tab.save()
+            log.info("tdist: measured %s -> %s (saved to %s)", key.id(), times, path)
+        except OSError as e:
+            log.warning("tdist: could not save the measured table: %s", e)
+
+
 def agreed_times(key: Key, group_name: str, candidates: list, measure_fn, fresh: bool = False) -> tuple[dict, str]:
     """Candidate times of ``key`` every rank agrees on (collective on first use of a key):
-    the table's entry if every rank has one with every candidate, else (or with ``fresh``) a
-    new measurement ``measure_fn()``, recorded in the table and the user cache."""
+    the table's entry if every rank has one with every candidate; if every rank has the entry
+    but some candidates are new (a kernel joined ``auto`` after the table was shipped), only
+    those are measured (``measure_fn(missing)``) and merged in; else (or with ``fresh``) a new
+    measurement of every candidate, ``measure_fn()``.  What was measured is recorded in the
+    table and the user cache."""
     ck = (key, group_name)
     if ck in _AGREED and not fresh:
         return _AGREED[ck][1], _AGREED[ck][2]
     tab = table(key.world)
     hit = None if fresh else tab.lookup(key)
-    if all_agree(hit is not None and all(c in hit[0] for c in candidates), group_name):
-        times, source = max_over_ranks(hit[0], candidates, group_name), hit[1]
+    have = {c: 0.0 for c in (hit[0] if hit is not None else {})}
+    agreed_have = max_over_ranks(have, candidates, group_name)          # inf: missing on some rank
+    missing = [c for c in candidates if not math.isfinite(agreed_have[c])]
+    if all_agree(hit is not None, group_name) and len(missing) < len(candidates) and "unfused" not in missing:
+        known = [c for c in candidates if c not in missing]
+        times, source = max_over_ranks(hit[0], known, group_name), hit[1]
+        if missing:
+            new = max_over_ranks(measure_fn(missing), missing, group_name)
+            times = {c: (times[c] if c in times else new[c]) for c in candidates}
+            source = "measured"
+            _record_and_save(tab, key, {**hit[0], **new}, source, group_name)
     else:
         times, source = max_over_ranks(measure_fn(), candidates, group_name), "measured"
-        tab.record(key, times, source)
-        import torch.distributed as dist
-        if dist.get_rank(_group(group_name)) == 0:
-            try:
-                path = tab.save()
-                log.info("tdist: measured %s -> %s (saved to %s)", key.id(), times, path)
-            except OSError as e:
-                log.warning("tdist: could not save the measured table: %s", e)
+        _record_and_save(tab, key, times, source, group_name)
     _AGREED[ck] = (choose(times)[0], times, source)
     return times, source

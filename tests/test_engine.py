@@ -71,6 +71,9 @@ def _scenarios(tmp: str, rank: int) -> dict:
     bench.add_bench_args(p)
     res = bench.bench_main(p.parse_args(["--quick", "--out", os.path.join(tmp, "results")]))
     out["bench"] = {k: res[k] for k in ("rows", "errors", "columns", "json", "png")}
+    noise = bench.bench_main(p.parse_args(["--quick", "--columns", "inductor,inductor_again,tdist", "--cases", "MLP",
+                                           "--out", os.path.join(tmp, "noise")]))
+    out["noise"] = {k: noise[k] for k in ("rows", "errors", "columns")}
     chk = bench.bench_main(p.parse_args(["--check", "--layers", "1", "--ctx", "8", "--strategy", "fused",
                                          "--out", os.path.join(tmp, "results")]))
     out["check"] = {"passed": chk["passed"], "pairs": chk["pairs"], "reference": chk["reference"]}
@@ -137,6 +140,17 @@ def test_bench_quick_end_to_end(job):
     assert job[0]["files"] == {"json": True, "png": True}
     saved = job[0]["saved"]
     assert saved["versions"]["torch"] == torch.__version__ and saved["command"] and saved["machine"]
+
+
+def test_the_noise_column_times_inductor_a_second_time(job):
+    """``inductor_again``: the same code compiled and timed twice in one run; its ratio is the
+    spread a tdist ratio near 1 is read against."""
+    b = job[0]["noise"]
+    assert not b["errors"], b["errors"]
+    assert sorted(b["columns"]) == ["inductor", "inductor_again", "tdist"]
+    (row,) = b["rows"]
+    assert isinstance(row["inductor again ms"], float) and row["inductor again ms"] > 0
+    assert row["inductor / again"] == pytest.approx(row["inductor ms"] / row["inductor again ms"], rel=2e-2, abs=2e-3)
 
 
 def test_check_mode(job):

@@ -84,6 +84,16 @@ def _worker(rank: int, port: int, cache_root: str, q) -> None:
         times2, source2 = measured.agreed_times(key2, g, ["unfused", "fused"],
                                                 lambda: {"unfused": 5.0 + rank, "fused": 9.0})
         res["times2"], res["source2"] = times2, source2
+        # 3b. an entry every rank has, lacking a candidate that joined later: only that one is
+        # measured (the shipped times of the others are kept), and the merged entry is recorded
+        key3 = Key.of("all_reduce", m=512, n=64, k=0, dtype=torch.float32, world=2)
+        tab.record(key3, {"unfused": 20.0, "fused": 18.0}, "shipped")
+        asked = []
+        times3, source3 = measured.agreed_times(
+            key3, g, ["unfused", "fused", "fused:new"],
+            lambda only=None: (asked.append(only), {c: 7.0 + rank for c in (only or ["unfused", "fused", "fused:new"])})[1])
+        res["asked3"], res["times3"], res["source3"] = asked, times3, source3
+        res["choice3"], res["entry3"] = measured._AGREED[(key3, g)][0], tab.lookup(key3)[0]
         # 4. a family one rank cannot run runs on no rank (no rank waits on a peer that fell back)
         res["ready_fault"] = opc.ready("all_reduce", "fused", g, ("sig",), lambda: None if rank == 0 else "no P2P")
         res["ready_ok"] = opc.ready("all_reduce", "symm_mem", g, ("sig",), lambda: None)
@@ -126,6 +136,15 @@ def test_a_key_cached_on_one_rank_only_is_measured_on_all(two_rank_results):
     r0, r1 = two_rank_results[0], two_rank_results[1]
     assert r0["source2"] == r1["source2"] == "measured"
     assert r0["times2"] == r1["times2"] == {"unfused": 6.0, "fused": 9.0}
+
+
+def test_a_candidate_new_since_the_table_was_shipped_is_the_only_one_measured(two_rank_results):
+    for r in (0, 1):
+        res = two_rank_results[r]
+        assert res["asked3"] == [["fused:new"]]                     # not unfused or fused again
+        assert res["times3"] == {"unfused": 20.0, "fused": 18.0, "fused:new": 8.0}   # max over ranks
+        assert res["source3"] == "measured" and res["choice3"] == "fused:new"
+        assert res["entry3"] == res["times3"]                       # recorded for the next compile
 
 
 def test_a_family_that_fails_on_one_rank_is_disabled_on_every_rank(two_rank_results):

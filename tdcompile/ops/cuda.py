@@ -130,7 +130,7 @@ def resolve(op: str, impl: str, group_name: str, *, m: int, n: int, k: int, dtyp
         return "unfused"
     from tdcompile import measure
     measured.agreed_times(key, group_name, measure.candidates(op),
-                          lambda: measure.measure_key(key, group_name))
+                          lambda only=None: measure.measure_key(key, group_name, only))
     return measured._AGREED[(key, group_name)][0]
 
 
