@@ -136,6 +136,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-ms", type=float, default=timing.WARMUP_MS, help="minimum warm-up per case (ms)")
     p.add_argument("--rounds", type=positive_int, default=timing.ROUNDS,
                    help="interleaved rounds per row: the columns take turns this many times (more = less drift)")
+    p.add_argument("--timed-ms", type=float, default=None,
+                   help=f"least timed time per column of a row; default {timing.TIMED_MS:.0f} on a GPU, 0 on a CPU "
+                        "(--iters calls only)")
 
 
 def bench_main(args) -> dict:
@@ -149,6 +152,9 @@ def bench_main(args) -> dict:
     config, dtype, device = model_setup(args)
     say = print if rank == 0 else (lambda *a, **k: None)
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+            "timing": {"rounds": args.rounds, "iters_min": args.iters,
+                       "timed_ms_min": args.timed_ms if args.timed_ms is not None else
+                       (1500.0 if device.type == "cuda" else 0.0)},
             "machine": machine(device), "versions": versions(), "world": world, "device": str(device),
             "dtype": str(dtype).split(".")[-1], "model": args.model, "layers": config.num_hidden_layers,
             "hidden": config.hidden_size, "strategy": args.strategy}
@@ -157,6 +163,7 @@ def bench_main(args) -> dict:
     stem = os.path.join(args.out, f"{'check' if args.check else 'bench'}-{tag}-tp{world}-{stamp}")
     timing.WARMUP_MS = args.warmup_ms
     timing.ROUNDS = args.rounds
+    timing.TIMED_MS = args.timed_ms if args.timed_ms is not None else (1500.0 if device.type == "cuda" else 0.0)
     prior = {}
     if args.resume and not args.check:
         with open(args.resume) as f:
