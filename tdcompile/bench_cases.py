@@ -17,9 +17,10 @@ BASELINES = ("eager", "inductor", "async_tp")
 HEADERS = {"eager": "eager TP", "inductor": "inductor", "async_tp": "async-TP", "bound": "bound", "tdist": "tdist",
            "inductor_again": "inductor again"}
 NOISE = "inductor_again"
-"""Opt-in column: plain Inductor compiled a second time and timed beside the first (METHOD: "time
-the same version twice"); ``inductor / again`` in the table is the spread that same code shows in
-this run, against which a tdist ratio near 1 (e.g. a row where nothing was fused) is read."""
+"""Opt-in column: plain Inductor a second time (its own ``torch.compile`` call, which dynamo may serve
+from the first one's cache), timed beside the first (METHOD: "time the same version twice");
+``inductor / again`` in the table is the spread the same code shows in this run, against which a
+tdist ratio near 1 (e.g. a row where nothing was fused) is read."""
 
 
 @dataclass
@@ -88,7 +89,7 @@ def compiler(column: str, args):
         return "tdist", {**tdist_options(args), "strategy": column.split(":", 1)[1]}
     if column == "async_tp":
         return "inductor", {"_micro_pipeline_tp": True}
-    return "inductor", None         # inductor, inductor_again (a separate torch.compile: its own compile)
+    return "inductor", None         # inductor and inductor_again (NOISE)
 
 
 def plan_for(column: str, row: Row) -> str:
