@@ -92,3 +92,7 @@ case ${STAGE:-prep} in
     [[ -n ${SKIP_INSPECT:-} ]] || inspect
     bench ;;
 esac
+# the device tool returns at most 8 files: keep the bench JSONs and this log loose, the rest in one tarball
+( cd "$OUT" && rm -f profile-tp*.json && ls | grep -vE '^(bench-.*\.json|session-.*\.log|results-.*\.tgz)$' \
+    | tar czf "results-$STAGE.tgz" -T - --remove-files 2>/dev/null ) || true
+
