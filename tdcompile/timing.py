@@ -11,8 +11,9 @@ ROUNDS = 10
 """Interleaved rounds: the columns of a row take turns, so drift (clocks, heat) hits all alike."""
 TIMED_MS = 0.0
 """Least timed time per column (all rounds together); ``tdcompile bench`` sets 1500 on a GPU, so
-a 1 ms prefill row gets ~1500 samples, not ``iters``.  With 40 samples, rows running the same code as Inductor read 0.96-1.06 on 2-4 GPUs
-(benchmarks/results, 2026-11-27); the median of many more is what a 1% law can be judged by."""
+a 1 ms prefill row gets ~1500 samples, not ``iters``.  With 40 samples, rows running the same
+code as Inductor read 0.96-1.06 on 2-4 GPUs (benchmarks/results, 2026-11-27); the median of many
+more is what a 1% law can be judged by."""
 MAX_CALLS = 2000
 """Most timed calls per column (all rounds)."""
 
