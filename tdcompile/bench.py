@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 from tdcompile import timing
-from tdcompile.bench_cases import (BASELINES, COLUMNS, HEADERS, NOISE, Row, free_model, large_batch, plan_for,  # noqa: F401
-                                   prepare_row, rows_for, run_infer)
+from tdcompile.bench_cases import (BASELINES, COLUMNS, HEADERS, NOISE, Row, free_model, large_batch,  # noqa: F401
+                                   plan_for, prepare_row, rows_for, run_infer)
 from tdcompile.check import check
 from tdcompile.engine import Timer
 from tdcompile.generate import add_model_args, model_setup, positive_int
