@@ -25,13 +25,15 @@ def _agreed_int(n: int, timer: Timer) -> int:
     return int(t.item())
 
 
-def measure_interleaved(cases: dict, timer: Timer, iters: int) -> dict:
+def measure_interleaved(cases: dict, timer: Timer, iters: int, before_timing=None) -> dict:
     """``{column: median ms}`` for ``cases = {column: (fn, rewind, graph)}``, the max over ranks.
 
     Each case is compiled/captured, then warmed for at least ``WARMUP_MS`` (at least 3 calls),
     then the columns take turns for ``ROUNDS`` rounds (the order rotating every round), so no
     column is measured cold or minutes apart from another.  Timed calls per column: at least
-    ``iters``, and enough for ``TIMED_MS`` of the slowest column (at most ``MAX_CALLS``)."""
+    ``iters``, and enough for ``TIMED_MS`` of the slowest column (at most ``MAX_CALLS``).
+    ``before_timing()`` runs once, after every compile, capture and warm-up, before the first
+    timed call (the bench snapshots what ran there, so first-call measurements don't count)."""
     runs, slowest = {}, 1e-3
     for col, (fn, rewind, graph) in cases.items():
         rewind = rewind or (lambda: None)
@@ -54,6 +56,8 @@ def measure_interleaved(cases: dict, timer: Timer, iters: int) -> dict:
     calls = min(MAX_CALLS, max(iters, int(TIMED_MS / slowest)))   # per column, all rounds
     per = _agreed_int(max(1, -(-calls // ROUNDS)), timer)
     cols = list(runs)
+    if before_timing is not None:
+        before_timing()
     for r in range(ROUNDS):
         for c in cols[r % len(cols):] + cols[:r % len(cols)]:
             fn, rewind = runs[c]
