@@ -35,9 +35,10 @@ inspect() {   # the report on a GPU: every match with its candidates' measured m
   step "${INSPECT_T:-150}" torchrun --nproc_per_node "$NP" -m tdcompile inspect --model qwen3-32b --layers 2 \
     --batch 32 --seq 128 --json "$OUT/inspect-tp$NP.json"
 }
-bench() {
+bench() {   # TRACE=tdist,bound: torch.profiler traces of those columns per row (into the tarball)
   step "${BENCH_T:-420}" torchrun --nproc_per_node "$NP" -m tdcompile.bench --model qwen3-32b --layers 8 \
-    --iters "${ITERS:-40}" --columns "${COLUMNS:-eager,inductor,inductor_again,async_tp,bound,tdist}" --cases "$CASES" --out "$OUT"
+    --iters "${ITERS:-40}" --columns "${COLUMNS:-eager,inductor,inductor_again,async_tp,bound,tdist}" --cases "$CASES" \
+    --out "$OUT" ${TRACE:+--trace "$TRACE"}
 }
 START=$SECONDS
 left() { echo $(( ${DEADLINE:-570} - (SECONDS - START) )); }
@@ -93,6 +94,6 @@ case ${STAGE:-prep} in
     bench ;;
 esac
 # the device tool returns at most 8 files: keep the bench JSONs and this log loose, the rest in one tarball
-( cd "$OUT" && rm -f profile-tp*.json && ls | grep -vE '^(bench-.*\.json|session-.*\.log|results-.*\.tgz)$' \
+( cd "$OUT" && rm -f profile-tp*.json && ls | grep -vE '^(bench-.*-tp[0-9]+-[0-9]{8}-[0-9]{6}\.json|session-.*\.log|results-.*\.tgz)$' \
     | tar czf "results-$STAGE.tgz" -T - --remove-files 2>/dev/null ) || true
 

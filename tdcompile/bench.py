@@ -56,6 +56,35 @@ def machine(device) -> dict:
     return m
 
 
+# ------------------------------------------------------------------ traces
+def trace_row(runs: dict, row: Row, columns: list, stem: str, rank: int, say) -> dict:
+    """Three calls of each of ``columns`` (as timed: graphed where the row is) under torch.profiler,
+    on every rank (the calls are collectives); a Chrome trace per rank and column next to the
+    bench JSON, the top device kernels in the log (rank 0).  Returns ``{row / column: path}``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    out = {}
+    for col in columns:
+        if col not in runs:
+            continue
+        fn, rewind = runs[col]
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for _ in range(3):
+                rewind()
+                fn()
+            if cuda:
+                torch.cuda.synchronize()
+        slug = "".join(ch if ch.isalnum() else "_" for ch in row.name).strip("_")
+        path = f"{stem}-trace-{slug}-{col}-rank{rank}.json"
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)   # every rank writes (kineto fails silently)
+        prof.export_chrome_trace(path)
+        out[f"{row.name} / {col}"] = os.path.basename(path)
+        say(f"[trace] {row.name} / {col}: {path}\n" + prof.key_averages().table(
+            sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=12))
+    return out
+
+
 # ------------------------------------------------------------------ outputs
 def table(results: dict, rows: list[Row], avail: list[str]) -> list[dict]:
     out = []
@@ -136,6 +165,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-ms", type=float, default=timing.WARMUP_MS, help="minimum warm-up per case (ms)")
     p.add_argument("--rounds", type=positive_int, default=timing.ROUNDS,
                    help="interleaved rounds per row: the columns take turns this many times (more = less drift)")
+    p.add_argument("--trace", default=None,
+                   help="comma-separated columns (e.g. tdist,bound) to trace after timing each row: 3 calls under "
+                        "torch.profiler per rank, a Chrome trace next to the JSON and the top kernels in the log")
     p.add_argument("--timed-ms", type=float, default=None,
                    help=f"least timed time per column of a row; default {timing.TIMED_MS:.0f} on a GPU, 0 on a CPU "
                         "(--iters calls only)")
@@ -226,11 +258,12 @@ def bench_main(args) -> dict:
              "measurements of auto); empty = the tdist column ran Inductor's own code"]
 
     ran = dict(prior.get("tdist_ops_ran", {}))
+    traced: dict = {}
 
     def save(done: list) -> dict:  # after every row / column, so a run cut short keeps what it measured
         tab = table(results, rows, done)
         res = {**meta, "large_batch": large, "iters": args.iters, "columns": done, "rows": tab,
-               "tdist_ops_ran": ran,
+               "tdist_ops_ran": ran, "traces": traced,
                "inference": ctx["infer"], "errors": errors, "notes": notes, "complete": all(c in done for c in avail)}
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
@@ -290,8 +323,10 @@ def bench_main(args) -> dict:
                     errors[f"{row.name} / {column}"] = f"{type(e).__name__}: {str(e)[:300]}"
                     cell(row, column, "error")
             try:
-                timed = measure_interleaved(cases, ctx["timer"], args.iters,
-                                            before_timing=lambda: before.update(opc.RAN_IMPL))
+                timed = measure_interleaved(
+                    cases, ctx["timer"], args.iters, before_timing=lambda: before.update(opc.RAN_IMPL),
+                    after_timing=(lambda runs, row=row: traced.update(
+                        trace_row(runs, row, args.trace.split(","), stem, rank, say))) if args.trace else None)
                 for column, ms in timed.items():
                     cell(row, column, ms)
             except Exception as e:  # noqa: BLE001

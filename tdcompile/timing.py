@@ -25,7 +25,7 @@ def _agreed_int(n: int, timer: Timer) -> int:
     return int(t.item())
 
 
-def measure_interleaved(cases: dict, timer: Timer, iters: int, before_timing=None) -> dict:
+def measure_interleaved(cases: dict, timer: Timer, iters: int, before_timing=None, after_timing=None) -> dict:
     """``{column: median ms}`` for ``cases = {column: (fn, rewind, graph)}``, the max over ranks.
 
     Each case is compiled/captured, then warmed for at least ``WARMUP_MS`` (at least 3 calls),
@@ -66,6 +66,8 @@ def measure_interleaved(cases: dict, timer: Timer, iters: int, before_timing=Non
                 a = timer.mark()
                 fn()
                 times[c].append(timer.ms(a, timer.mark()))
+    if after_timing is not None:
+        after_timing(runs)
     device = torch.device("cuda" if timer.cuda else "cpu")
     return {c: measure_values(t, device) for c, t in times.items()}
 

@@ -72,8 +72,10 @@ def _scenarios(tmp: str, rank: int) -> dict:
     res = bench.bench_main(p.parse_args(["--quick", "--out", os.path.join(tmp, "results")]))
     out["bench"] = {k: res[k] for k in ("rows", "errors", "columns", "json", "png")}
     noise = bench.bench_main(p.parse_args(["--quick", "--columns", "inductor,inductor_again,tdist", "--cases", "MLP",
-                                           "--out", os.path.join(tmp, "noise")]))
+                                           "--trace", "tdist", "--out", os.path.join(tmp, "noise")]))
     out["noise"] = {k: noise[k] for k in ("rows", "errors", "columns")}
+    out["noise"]["traces"] = {k: os.path.getsize(os.path.join(tmp, "noise", v))
+                              for k, v in noise["traces"].items()}
     chk = bench.bench_main(p.parse_args(["--check", "--layers", "1", "--ctx", "8", "--strategy", "fused",
                                          "--out", os.path.join(tmp, "results")]))
     out["check"] = {"passed": chk["passed"], "pairs": chk["pairs"], "reference": chk["reference"]}
@@ -151,6 +153,8 @@ def test_the_noise_column_times_inductor_a_second_time(job):
     (row,) = b["rows"]
     assert isinstance(row["inductor again ms"], float) and row["inductor again ms"] > 0
     assert row["inductor / again"] == pytest.approx(row["inductor ms"] / row["inductor again ms"], rel=2e-2, abs=2e-3)
+    # --trace tdist: one Chrome trace of the tdist column per rank, named in the JSON
+    assert list(b["traces"]) == [f"{row['case']} / tdist"] and all(n > 0 for n in b["traces"].values())
 
 
 def test_check_mode(job):
