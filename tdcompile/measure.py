@@ -43,8 +43,8 @@ A new kernel joins only with its GPU tests: a candidate the shipped tables lack 
 call of a shape re-measure it (``scripts/gpu_session.sh`` runs a new kernel's simulated-rank tests
 first and, if they fail, leaves it out with ``TDCOMPILE_SKIP_CANDIDATES``).  ``fused:lamport2``
 (``kernels/all_reduce_lamport2.py``, two-shot Lamport: 10.7 us vs 13.1 for ``two_shot`` at 128x5120
-on 4xH200) joined after its stage 3 stopped waiting on other CTAs of its own rank; the session
-script gates it on its simulated-rank and real-process tests."""
+on 4xH200) joined once its tests passed (2026-11-27, after the ``tiles.preload`` fix); the session
+script still gates it on its simulated-rank and real-process tests."""
 
 
 def candidates(op: str) -> list:

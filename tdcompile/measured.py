@@ -310,7 +310,7 @@ def agreed_times(key: Key, group_name: str, candidates: list, measure_fn, fresh:
     have = {c: 0.0 for c in (hit[0] if hit is not None else {})}
     agreed_have = max_over_ranks(have, candidates, group_name)          # inf: missing on some rank
     missing = [c for c in candidates if not math.isfinite(agreed_have[c])]
-    if all_agree(hit is not None, group_name) and len(missing) < len(candidates) and "unfused" not in missing:
+    if "unfused" not in missing:          # every rank has the entry (a rank without one misses all)
         known = [c for c in candidates if c not in missing]
         times, source = max_over_ranks(hit[0], known, group_name), hit[1]
         if missing:
