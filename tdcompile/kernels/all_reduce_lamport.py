@@ -179,6 +179,13 @@ def _sum_words(e0, e1, e2, e3, e4, e5, e6, e7, sign, dt: tl.constexpr, WORLD: tl
 
 
 @triton.jit
+def _state(ctl_ptr, pid, MAXB: tl.constexpr):
+    """This block's control entry: the slot of this call and the previous call's element count
+    (whole 16-B vectors), as ``_advance`` left them."""
+    return tl.load(ctl_ptr + pid), tl.load(ctl_ptr + MAXB + pid) * 8
+
+
+@triton.jit
 def _advance(ctl_ptr, pid, G, s, n8_arg, MAXB: tl.constexpr):
     """Next slot and this call's element count into every control entry this block stands for."""
     for k in range(pid, MAXB, G):
@@ -199,8 +206,7 @@ def _lamport_kernel(x_ptr, out_ptr, n_arg, n8_arg, tab, ctl_ptr, cap8, err_addr,
     else:
         n = n_arg                         # x / out only
     cap = cap8 * 8
-    s = tl.load(ctl_ptr + pid)
-    prev = tl.load(ctl_ptr + MAXB + pid) * 8
+    s, prev = _state(ctl_ptr, pid, MAXB)
     offs = tl.arange(0, BLOCK)
     sign = tl.full([BLOCK], -32768, tl.int16)
     nblk = tl.cdiv(n8, BLOCK)

@@ -48,7 +48,7 @@ import triton.language as tl
 
 from tdcompile.kernels import all_reduce_lamport as lam
 from tdcompile.kernels.all_reduce import _bases
-from tdcompile.kernels.all_reduce_lamport import _advance, _clear, _or, _poll, _push, _sum_words
+from tdcompile.kernels.all_reduce_lamport import _advance, _clear, _or, _poll, _push, _state, _sum_words
 from tdcompile.kernels.signals import globaltimer, peer_base, record_error
 from tdcompile.kernels.symm import Workspace, _Unsupported, phased
 
@@ -90,8 +90,7 @@ def _lamport2_kernel(x_ptr, out_ptr, n_arg, n8_arg, tab, ctl_ptr, cap8, err_addr
     else:
         n = n_arg
     cap = cap8 * 8
-    s = tl.load(ctl_ptr + pid)
-    prev = tl.load(ctl_ptr + MAXB + pid) * 8
+    s, prev = _state(ctl_ptr, pid, MAXB)
     offs = tl.arange(0, BLOCK)
     sign = tl.full([BLOCK], -32768, tl.int16)
     nblk = tl.cdiv(n8, BLOCK)

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from tdcompile.kernels import all_reduce_lamport as lam
 from tdcompile.kernels.all_reduce import _bases, err_base
-from tdcompile.kernels.all_reduce_lamport import _advance, _clear, _poll, _push, _sum_words
+from tdcompile.kernels.all_reduce_lamport import _advance, _clear, _poll, _push, _state, _sum_words
 from tdcompile.kernels.all_reduce_rmsnorm import _epilogue, operand_reason
 from tdcompile.kernels.signals import globaltimer, peer_base, record_error
 from tdcompile.kernels.symm import OPS, Workspace, _Unsupported, phased
@@ -46,8 +46,7 @@ def _ar_rms_lamport(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, M, n8_arg, eps,
     G = tl.num_programs(0)
     dt = out_ptr.dtype.element_ty
     cap = cap8 * 8
-    s = tl.load(ctl_ptr + pid)
-    prev = tl.load(ctl_ptr + MAXB + pid) * 8
+    s, prev = _state(ctl_ptr, pid, MAXB)
     cols = tl.arange(0, BLOCK_N)
     cm = cols < N
     sign = tl.full([BLOCK_N], -32768, tl.int16)
