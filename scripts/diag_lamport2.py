@@ -1,7 +1,8 @@
 """Bisect a simulated-rank failure of the Lamport kernels (one GPU; ``W=2|4``, default 4).
 
-It replaced the first diagnostic of 2026-11-27 (sizes, grids and chunk sizes varied separately), which
-passed everywhere because it ran no Triton compile mid-sequence; this one counts them.
+It replaces the first diagnostic of 2026-11-27 (sizes, grids and chunk sizes varied separately),
+which did not reproduce the failure; this one also counts Triton compiles during the run, which
+found the cause (a variant compiled at its first launch while simulated peers spun).
 
 test_back_to_back_varying_sizes[4-*-lamport2] times out (2026-11-27, H200) while W=2 passes and
 the W=4 real-process sweep passes.  Each trial below runs a prefix of the test's exact call list
