@@ -38,7 +38,7 @@ inspect() {   # the report on a GPU: every match with its candidates' measured m
 bench() {   # TRACE=tdist,bound: torch.profiler traces of those columns per row (into the tarball)
   step "${BENCH_T:-420}" torchrun --nproc_per_node "$NP" -m tdcompile.bench --model qwen3-32b --layers 8 \
     --iters "${ITERS:-40}" --columns "${COLUMNS:-eager,inductor,inductor_again,async_tp,bound,tdist}" --cases "$CASES" \
-    --out "$OUT" ${TRACE:+--trace "$TRACE"}
+    --out "$OUT" ${TRACE:+--trace "$TRACE"} ${ROUNDS:+--rounds "$ROUNDS"}
 }
 START=$SECONDS
 left() { echo $(( ${DEADLINE:-570} - (SECONDS - START) )); }
