@@ -9,16 +9,17 @@
                            (strategy "sequence_parallel"; "auto" only off-GPU, when predicted faster)
            03 match        find all_reduce_rmsnorm (all_reduce -> + residual -> RMSNorm), then
                            gemm_all_reduce / all_gather_gemm / gemm_reduce_scatter /
-                           all_reduce on what is left; each is decided (cost_model.decide): on a GPU from the
-                           measured table (measured.py), a miss left to the op ("auto"), which
-                           measures on its first call; off-GPU from the analytic model
+                           all_reduce on what is left; each is decided: on a GPU from the
+                           measured table (decide_measured), a missing or stale key measured
+                           right here, all ranks together; off-GPU from the analytic model
            04 rewrite      replace the chosen ones with torch.ops.tdist.*
            (strategy "bound": 04 replaces every collective with a no-op -- timing only)
       If any stage raises, the graph is restored and compiled unrewritten (a warning says why).
       -> Inductor lowers everything else
 
 ``TdistPass.uuid()`` hashes the pass sources, the options and the device profile, so
-Inductor's FX-graph cache never serves a graph rewritten under other settings.
+Inductor's FX-graph cache never serves a graph rewritten under other settings; under ``auto`` on
+a GPU it is None (no caching), since the pass agrees its decisions with the other ranks.
 """
 from __future__ import annotations
 
@@ -95,14 +96,19 @@ class TdistPass(CustomGraphPass):
                 sink.graphs.append((before, after))
             return True
         stage[0] = "02 sequence_parallel"
-        on_gpu = torch.cuda.is_available()
+        on_gpu = _on_gpu()
 
-        def decide(m) -> Decided:
+        def decide(m, may_measure: bool = True) -> Decided:
             mm, n, k = m.mnk()
+            if on_gpu and opts.strategy == "auto" and mm is not None:
+                return Decided(m, decide_measured(m, may_measure), graph_id=gid)
             table = measured.table(m.world_size) if on_gpu else None
-            return Decided(m, cost_model.decide(m.pattern, m=mm, n=n, k=k, world_size=m.world_size, dtype=m.dtype,
-                                                strategy=opts.strategy, profile=self.profile, table=table),
-                           graph_id=gid)
+            d = cost_model.decide(m.pattern, m=mm, n=n, k=k, world_size=m.world_size, dtype=m.dtype,
+                                  strategy=opts.strategy, profile=self.profile, table=table)
+            if d.choice == "auto" and m.pattern not in RUNTIME_AUTO:
+                d = Decision("unfused", {}, f"dynamic M: the op's NCCL fallback for {m.pattern} is slower than "
+                                            "Inductor's own code, so it is not left to a run-time choice")
+            return Decided(m, d, graph_id=gid)
 
         if on_gpu and opts.strategy == "auto":
             sp = measured_sequence_parallel(graph, opts, decide)
@@ -136,6 +142,11 @@ class TdistPass(CustomGraphPass):
         return changed
 
     def uuid(self) -> Optional[str]:
+        """A hash of everything that decides the rewrite, for Inductor's caches; None (no caching)
+        under ``auto`` on a GPU, where the pass agrees its decisions with the other ranks while
+        compiling -- a rank served from a cache would not join (``decide_measured``)."""
+        if self.options.strategy == "auto" and _on_gpu():
+            return None
         here = os.path.dirname(__file__)
         files = [os.path.join(here, "passes", f) for f in sorted(os.listdir(os.path.join(here, "passes")))
                  if f.endswith(".py")]
@@ -191,23 +202,23 @@ def measured_sequence_parallel(graph: fx.Graph, opts: Options, decide) -> Decisi
     if possible.choice != "sequence_parallel":
         return possible
 
-    def total(g):
+    def total(g, may_measure):
         t = 0.0
         for m in _graph_matches(g):
-            d = decide(m)
+            d = decide(m, may_measure)
             if d.choice not in d.decision.candidates_us:
                 return None, m
             t += d.decision.candidates_us[d.choice]
         return t, None
 
-    base, miss = total(graph)
+    base, miss = total(graph, True)
     if base is None:
         return Decision("all_reduce", {}, f"sequence parallel not compared: {miss.pattern} M,N,K={miss.mnk()} is not "
                                           "in the measured table yet: keeping all_reduce")
     try:   # costing a hypothetical graph must never cost the fusions of the real one
         sp_graph = copy.deepcopy(graph)
         sequence_parallel.rewrite(sp_graph)
-        sp_t, sp_miss = total(sp_graph)
+        sp_t, sp_miss = total(sp_graph, False)    # a hypothetical graph's keys: never measured here
     except Exception as e:  # noqa: BLE001
         return Decision("all_reduce", {}, f"sequence parallel could not be costed ({type(e).__name__}: {e}): "
                                           "keeping all_reduce")
@@ -221,6 +232,48 @@ def measured_sequence_parallel(graph: fx.Graph, opts: Options, decide) -> Decisi
                                                     "parallel", source="measured table")
     return Decision("all_reduce", times, f"sequence parallel not measured more than {measured.TIE:.0%} faster",
                     source="measured table")
+
+
+def _on_gpu() -> bool:
+    """Whether ``auto`` decides from measurements (a GPU) rather than the analytic model."""
+    return torch.cuda.is_available()
+
+
+RUNTIME_AUTO = ("all_reduce", "gemm_all_reduce")
+"""Patterns a dynamic-M match may leave to the op (``impl="auto"``, chosen per M bucket at run time):
+those whose run-time ``unfused`` path is the code Inductor would run (NCCL on the GEMM's own output).
+Others (``all_reduce_rmsnorm``: Inductor fuses add + RMSNorm into one kernel) stay unrewritten."""
+
+
+def decide_measured(m, may_measure: bool = True) -> Decision:
+    """The decision of a static-M match on a GPU under ``auto``, made while compiling and agreed by
+    every rank (a collective per key and process): the measured table's entry; a key missing from
+    it, or measured with code changed since, is measured now, all ranks together
+    (``may_measure=False``: kept unfused instead). Never ``"auto"``: a graph either runs a
+    candidate that won a measurement or Inductor's own code.
+
+    Every rank runs this pass because ``TdistPass.uuid()`` keeps such compiles out of Inductor's
+    caches (a rank served from a cache would skip the collective the others wait in). Inside a
+    CUDA-graph capture no collective can run: the local table decides, and a miss stays unfused."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from tdcompile import measure
+    mm, n, k = m.mnk()
+    key = measured.Key.of(m.pattern, m=mm, n=n, k=k, dtype=m.dtype, world=m.world_size)
+    cands = measure.candidates(m.pattern)
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if capturing:
+        hit = measured.table(m.world_size).lookup(key)
+        times, source = (hit[0], hit[1]) if hit is not None else (None, "")
+    else:
+        fn = (lambda only=None: measure.measure_key(key, m.group_name, only)) if may_measure else None
+        with unset_fake_temporarily(), torch.no_grad():       # real tensors, even inside Inductor's tracing
+            times, source = measured.agreed_times(key, m.group_name, cands, fn)
+    if times is None or "unfused" not in times:
+        why = "first compiled inside a CUDA-graph capture" if capturing else "not measured for this costing"
+        return Decision("unfused", {}, f"{key.id()} is not in the measured table ({why}): keeping Inductor's code")
+    choice, why = measured.choose({c: t for c, t in times.items() if c in cands or c == "unfused"})
+    return Decision(choice, {c: round(t, 1) for c, t in times.items()}, why, source=source)
 
 
 def _gain(d: Decided) -> float:

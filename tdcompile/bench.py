@@ -254,16 +254,18 @@ def bench_main(args) -> dict:
              "timing only, NOT a valid output; the limit of comm hiding",
              "gap closed = (inductor - tdist) / (inductor - bound); vs best baseline = min(eager, inductor, "
              "async-TP) / tdist",
-             "tdist_ops_ran: the tdist op implementations that ran in the timed calls (not the first-call "
-             "measurements of auto); empty = the tdist column ran Inductor's own code"]
+             "ops_by_column: per row and column, the tdist op implementations that column's code runs "
+             "(seen while it compiled, captured and warmed up; auto's measurements while compiling excluded); "
+             "tdist_ops_ran: the same for the tdist column; empty = the tdist column ran Inductor's own code"]
 
     ran = dict(prior.get("tdist_ops_ran", {}))
+    by_column = dict(prior.get("ops_by_column", {}))
     traced: dict = {}
 
     def save(done: list) -> dict:  # after every row / column, so a run cut short keeps what it measured
         tab = table(results, rows, done)
         res = {**meta, "large_batch": large, "iters": args.iters, "columns": done, "rows": tab,
-               "tdist_ops_ran": ran, "traces": traced,
+               "tdist_ops_ran": ran, "ops_by_column": by_column, "traces": traced,
                "inference": ctx["infer"], "errors": errors, "notes": notes, "complete": all(c in done for c in avail)}
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
@@ -310,7 +312,14 @@ def bench_main(args) -> dict:
         if not todo:
             continue
         model = get_model("hf")
-        before = dict(opc.RAN_IMPL)   # moved to the first timed call: first-call measurements don't count
+        seen = [dict(opc.RAN_IMPL)]   # columns are prepared one after another: the ops each one ran
+        cols_ops: dict = {}
+
+        def prepared(column):         # what ran since the last call is ``column``'s
+            now = dict(opc.RAN_IMPL)
+            cols_ops.setdefault(column, set()).update(
+                f"{op}={impl}" for (op, impl), n in now.items() if n > seen[0].get((op, impl), 0))
+            seen[0] = now
         cases = {}
         with torch.no_grad():
             for column in todo:
@@ -318,13 +327,15 @@ def bench_main(args) -> dict:
                     if row.group == "infer":
                         cell(row, column, run_infer(row, column, model, args, ctx))
                     else:
-                        cases[column] = prepare_row(row, column, model, args, ctx)
+                        seen[0] = dict(opc.RAN_IMPL)
+                        cases[column] = prepare_row(row, column, model, args, ctx)   # may compile + capture
+                        prepared(column)
                 except Exception as e:  # noqa: BLE001
                     errors[f"{row.name} / {column}"] = f"{type(e).__name__}: {str(e)[:300]}"
                     cell(row, column, "error")
             try:
                 timed = measure_interleaved(
-                    cases, ctx["timer"], args.iters, before_timing=lambda: before.update(opc.RAN_IMPL),
+                    cases, ctx["timer"], args.iters, prepared=prepared,
                     after_timing=(lambda runs, row=row: traced.update(
                         trace_row(runs, row, args.trace.split(","), stem, rank, say))) if args.trace else None)
                 for column, ms in timed.items():
@@ -333,8 +344,8 @@ def bench_main(args) -> dict:
                 errors[f"{row.name} / {','.join(cases)}"] = f"{type(e).__name__}: {str(e)[:300]}"
                 for column in cases:
                     cell(row, column, "error")
-        ran[row.name] = sorted(f"{op}={impl}" for (op, impl), n in opc.RAN_IMPL.items()
-                               if n > before.get((op, impl), 0))
+        by_column[row.name] = {c: sorted(cols_ops.get(c, ())) for c in cases}
+        ran[row.name] = by_column[row.name].get("tdist", [])
         ctx.pop("engines", None)
         torch._dynamo.reset()
         res = save(shown())

@@ -27,8 +27,8 @@ COMMANDS = {
                 "module path, M/N/K and dtype, each candidate implementation with its time in microseconds and "
                 "where that time came from (measured, cached, shipped table, predicted), the choice and why, "
                 "and per graph whether sequence parallel was applied. Graph code on request (--show-graph, "
-                "--dump-dir). On a GPU, shapes missing from the measured table are measured by the first call "
-                "and the report is printed with those measurements.", 2),
+                "--dump-dir). On a GPU, shapes missing from the measured table are measured while compiling, "
+                "all ranks together, and the report shows those measurements.", 2),
     "generate": ("generate tokens with the Engine (prefill + decode, CUDA graphs on GPU)",
                  "Run the inference Engine (StaticCache prefill, then one decode step per token, replayed from "
                  "a CUDA graph on GPUs) on random prompts and print a JSON summary: prefill and decode times, "

@@ -49,8 +49,8 @@ class Options:
     strategy: str = "auto"
     """How matches are decided. ``"auto"``: per match and shape, the fastest candidate in the
     measured table (unfused, every tdist kernel variant, torch symmetric memory), unfused
-    winning unless beaten by more than ``measured.TIE`` (15%); a shape not yet measured is measured on its first call on the GPU
-    (all ranks together); without a GPU the fitted analytic model predicts, or, with no profile,
+    winning unless beaten by more than ``measured.TIE`` (15%); a shape not yet measured is measured while compiling
+    on the GPU (all ranks together); without a GPU the fitted analytic model predicts, or, with no profile,
     everything stays unfused. ``"unfused"``: rewrite nothing (plain Inductor). ``"fused"`` /
     ``"symm_mem"``: force that family on every match. ``"sequence_parallel"``: turn every
     all_reduce region into reduce_scatter ... all_gather and fuse those. ``"bound"``: replace

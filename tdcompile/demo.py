@@ -5,7 +5,8 @@
 * inspect -- the rewrite report only (matches, module paths, shapes, candidates with their
              microseconds and where those came from, the decision and why), with graph dumps
              on request; no timing, no comparison. On a GPU, matches whose shapes the measured
-             table does not hold yet are measured by the first call (all ranks together), and
+             table does not hold yet are measured while compiling (all ranks together); a
+             dynamic-M match left to the op ("auto") is measured by the first call, and then
              the report is produced again so that it shows the measured times.
 """
 from __future__ import annotations

@@ -18,7 +18,8 @@ def explain(model, *args, options: Optional[dict] = None, fullgraph: bool = Fals
     ``.errors`` (graphs compiled unrewritten because the pass raised). Dynamo is reset first and
     graph ids restart at 0, so the report covers exactly this compile. The compiled output of
     that call is kept as ``report.output``. On a GPU, a match whose shape is not yet measured is
-    reported with choice ``"auto"``; the call measures it, and a second ``explain`` shows the times."""
+    measured while compiling (all ranks together) and reported with those times; only a
+    dynamic-M match left to the op shows ``"auto"`` (its first call measures it)."""
     report = Report()
     torch._dynamo.reset()  # compile afresh so every graph goes through the pass
     backend._graph_ids = itertools.count()  # graph ids count per explain() call

@@ -127,10 +127,21 @@ def graph_us(fn, repeat: int = REPEAT, replays: int = REPLAYS) -> float:
 def measure_key(key: measured.Key, group_name: str, only: list | None = None) -> dict:
     """``{impl: us}`` on this rank (inf: failed, wrong or fell back) for every candidate of
     ``key.op``, or for ``only`` those (the ones a shipped entry lacks); a collective."""
-    import torch.distributed as dist
     from tdcompile.ops import cuda as opc
 
     t0 = time.perf_counter()
+    counted = dict(opc.RAN_IMPL)    # measuring is not running: RAN_IMPL is restored at the end
+    try:
+        return _measure_key(key, group_name, only, t0)
+    finally:
+        opc.RAN_IMPL.clear()
+        opc.RAN_IMPL.update(counted)
+
+
+def _measure_key(key: measured.Key, group_name: str, only, t0: float) -> dict:
+    import torch.distributed as dist
+    from tdcompile.ops import cuda as opc
+
     rank = dist.get_rank(measured._group(group_name))
     args = _inputs(key, rank)
     expected = _call(key, "unfused", args, group_name)

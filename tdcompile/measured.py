@@ -191,16 +191,18 @@ class Table:
         kid = key.id()
         return sorted(c for c, d in self.digests.get(kid, {}).items() if d != impl_digest(key.op, c))
 
-    def lookup(self, key: Key) -> Optional[tuple[dict, str]]:
-        """``(times, source)``, or None if the key is missing or any candidate's code changed."""
+    def lookup(self, key: Key, partial: bool = False) -> Optional[tuple[dict, str]]:
+        """``(times, source)``, or None if the key is missing or any candidate's code changed;
+        with ``partial``, the candidates whose code did not change (the stale ones are left out,
+        to be measured again), None only if the key is missing."""
         kid = key.id()
         if kid not in self.entries:
             return None
         bad = self.stale(key)
-        if bad:
+        if bad and not partial:
             log.info("tdist: measured entry %s is stale for %s (code changed): measuring again", kid, bad)
             return None
-        return self.entries[kid], self.source[kid]
+        return {c: t for c, t in self.entries[kid].items() if c not in bad}, self.source[kid]
 
     def record(self, key: Key, times: dict, source: str = "measured") -> None:
         self.entries[key.id()] = dict(times)
@@ -295,21 +297,27 @@ def _record_and_save(tab: "Table", key: Key, times: dict, source: str, group_nam
             log.warning("tdist: could not save the measured table: %s", e)
 
 
-def agreed_times(key: Key, group_name: str, candidates: list, measure_fn, fresh: bool = False) -> tuple[dict, str]:
+def agreed_times(key: Key, group_name: str, candidates: list, measure_fn, fresh: bool = False) \
+        -> tuple[Optional[dict], str]:
     """Candidate times of ``key`` every rank agrees on (collective on first use of a key):
     the table's entry if every rank has one with every candidate; if every rank has the entry
-    but some candidates are new (a kernel joined ``auto`` after the table was shipped), only
-    those are measured (``measure_fn(missing)``) and merged in; else (or with ``fresh``) a new
-    measurement of every candidate, ``measure_fn()``.  What was measured is recorded in the
-    table and the user cache."""
+    but some candidates are new (a kernel joined ``auto`` after the table was shipped) or were
+    measured with code that has changed since (stale), only those are measured
+    (``measure_fn(missing)``) and merged in; else (or with ``fresh``) a new measurement of every
+    candidate, ``measure_fn()``.  What was measured is recorded in the table and the user cache.
+
+    ``measure_fn=None``: look up only -- ``(None, "")`` on every rank when some rank would have to
+    measure (nothing is recorded)."""
     ck = (key, group_name)
     if ck in _AGREED and not fresh:
         return _AGREED[ck][1], _AGREED[ck][2]
     tab = table(key.world)
-    hit = None if fresh else tab.lookup(key)
+    hit = None if fresh else tab.lookup(key, partial=True)
     have = {c: 0.0 for c in (hit[0] if hit is not None else {})}
     agreed_have = max_over_ranks(have, candidates, group_name)          # inf: missing on some rank
     missing = [c for c in candidates if not math.isfinite(agreed_have[c])]
+    if missing and measure_fn is None:
+        return None, ""
     if "unfused" not in missing:          # every rank has the entry (a rank without one misses all)
         known = [c for c in candidates if c not in missing]
         times, source = max_over_ranks(hit[0], known, group_name), hit[1]

@@ -1,13 +1,15 @@
 """Timing for ``tdcompile bench``: interleaved columns, agreed warm-ups, medians, max over ranks."""
 from __future__ import annotations
 
+import random
+
 import torch
 import torch.distributed as dist
 
 from tdcompile.engine import Graphed, Timer
 
 WARMUP_MS = 300.0
-ROUNDS = 10
+ROUNDS = 40
 """Interleaved rounds: the columns of a row take turns, so drift (clocks, heat) hits all alike."""
 TIMED_MS = 0.0
 """Least timed time per column (all rounds together); ``tdcompile bench`` sets 1500 on a GPU, so
@@ -25,13 +27,27 @@ def _agreed_int(n: int, timer: Timer) -> int:
     return int(t.item())
 
 
-def measure_interleaved(cases: dict, timer: Timer, iters: int, before_timing=None, after_timing=None) -> dict:
+def round_order(cols: list, r: int) -> list:
+    """The columns' order in round ``r``: a permutation seeded by ``r`` (the same on every rank).
+
+    Not a fixed rotation: there a column always follows the same one, and what the GPU ran just
+    before shows. In a 2xH200 run (benchmarks/results/bench-h200-tp2-20261127-100651) three columns
+    running identical code read 0.828, 0.857 and 0.860 ms on attn prefill; the fastest was the one
+    that always followed eager (whose launch gaps leave the GPU idle). Shuffled, every column
+    follows every other about equally often."""
+    return random.Random(0x7D15 + r).sample(list(cols), len(cols))
+
+
+def measure_interleaved(cases: dict, timer: Timer, iters: int, before_timing=None, after_timing=None,
+                        prepared=None) -> dict:
     """``{column: median ms}`` for ``cases = {column: (fn, rewind, graph)}``, the max over ranks.
 
     Each case is compiled/captured, then warmed for at least ``WARMUP_MS`` (at least 3 calls),
-    then the columns take turns for ``ROUNDS`` rounds (the order rotating every round), so no
-    column is measured cold or minutes apart from another.  Timed calls per column: at least
-    ``iters``, and enough for ``TIMED_MS`` of the slowest column (at most ``MAX_CALLS``).
+    then the columns take turns for ``ROUNDS`` rounds (``round_order``), so no column is measured
+    cold or minutes apart from another.  Timed calls per column: at least ``iters``, and enough
+    for ``TIMED_MS`` of the slowest column (at most ``MAX_CALLS``).
+    ``prepared(column)`` runs right after that column's compile, capture and warm-up (columns are
+    prepared one after another, so the bench can tell which ops each one ran).
     ``before_timing()`` runs once, after every compile, capture and warm-up, before the first
     timed call (the bench snapshots what ran there, so first-call measurements don't count)."""
     runs, slowest = {}, 1e-3
@@ -50,6 +66,8 @@ def measure_interleaved(cases: dict, timer: Timer, iters: int, before_timing=Non
             rewind()
             fn()
         runs[col] = (fn, rewind)
+        if prepared is not None:
+            prepared(col)
     times = {c: [] for c in runs}
     if not runs:
         return {}
@@ -59,7 +77,7 @@ def measure_interleaved(cases: dict, timer: Timer, iters: int, before_timing=Non
     if before_timing is not None:
         before_timing()
     for r in range(ROUNDS):
-        for c in cols[r % len(cols):] + cols[:r % len(cols)]:
+        for c in round_order(cols, r):
             fn, rewind = runs[c]
             for _ in range(per):
                 rewind()

@@ -94,6 +94,19 @@ def _worker(rank: int, port: int, cache_root: str, q) -> None:
             lambda only=None: (asked.append(only), {c: 7.0 + rank for c in (only or ["unfused", "fused", "fused:new"])})[1])
         res["asked3"], res["times3"], res["source3"] = asked, times3, source3
         res["choice3"], res["entry3"] = measured._AGREED[(key3, g)][0], tab.lookup(key3)[0]
+        # 3c. a candidate whose code changed since it was measured (stale) is the only one measured again
+        key4 = Key.of("all_reduce", m=1024, n=64, k=0, dtype=torch.float32, world=2)
+        tab.record(key4, {"unfused": 20.0, "fused:one_shot": 15.0, "fused:lamport": 30.0}, "shipped")
+        measured._DIGESTS[("all_reduce", "fused:lamport")] = "0123456789ab"       # its kernel changed
+        asked4 = []
+        times4, _ = measured.agreed_times(
+            key4, g, ["unfused", "fused:one_shot", "fused:lamport"],
+            lambda only=None: (asked4.append(only), {c: 5.0 for c in only or []})[1])
+        res["asked4"], res["times4"] = asked4, times4
+        # 3d. look up only (a hypothetical graph's costing): a missing key is not measured, nor recorded
+        key5 = Key.of("all_reduce", m=2048, n=64, k=0, dtype=torch.float32, world=2)
+        res["lookup_only"] = list(measured.agreed_times(key5, g, ["unfused", "fused"], None))
+        res["lookup_only_recorded"] = tab.lookup(key5) is not None or (key5, g) in measured._AGREED
         # 4. a family one rank cannot run runs on no rank (no rank waits on a peer that fell back)
         res["ready_fault"] = opc.ready("all_reduce", "fused", g, ("sig",), lambda: None if rank == 0 else "no P2P")
         res["ready_ok"] = opc.ready("all_reduce", "symm_mem", g, ("sig",), lambda: None)
@@ -147,6 +160,19 @@ def test_a_candidate_new_since_the_table_was_shipped_is_the_only_one_measured(tw
         assert res["entry3"] == res["times3"]                       # recorded for the next compile
 
 
+def test_a_candidate_whose_code_changed_is_the_only_one_measured_again(two_rank_results):
+    for r in (0, 1):
+        res = two_rank_results[r]
+        assert res["asked4"] == [["fused:lamport"]]
+        assert res["times4"] == {"unfused": 20.0, "fused:one_shot": 15.0, "fused:lamport": 5.0}
+
+
+def test_a_look_up_only_agreement_measures_and_records_nothing(two_rank_results):
+    for r in (0, 1):
+        assert two_rank_results[r]["lookup_only"] == [None, ""]
+        assert two_rank_results[r]["lookup_only_recorded"] is False
+
+
 def test_a_family_that_fails_on_one_rank_is_disabled_on_every_rank(two_rank_results):
     for r in (0, 1):
         res = two_rank_results[r]
@@ -186,7 +212,7 @@ def _sp_decision(times_of):
     from tdcompile.cost_model import Decision
     from tdcompile.passes.match import Decided
 
-    def decide(m):
+    def decide(m, may_measure=True):
         t = times_of(m.pattern, m.mnk())
         if t is None:
             return Decided(m, Decision("auto", {}, "not measured"))

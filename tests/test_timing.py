@@ -33,7 +33,33 @@ def test_columns_take_turns_and_the_hook_runs_once_before_the_first_timed_call(f
     assert log.count("T") == 1 and set(log[:t]) == {"a", "b"}          # compiles and warm-ups first
     timed = log[t + 1:]
     assert timed.count("a") == timed.count("b") == 8                   # iters per column, 4 rounds of 2
-    assert timed[:4] == ["a", "a", "b", "b"] and timed[4:8] == ["b", "b", "a", "a"]   # the order rotates
+    rounds = [timed[i:i + 4] for i in range(0, 16, 4)]                 # each round: 2 calls of each
+    assert all(sorted(r) == ["a", "a", "b", "b"] and r[0] == r[1] for r in rounds)
+    assert [r[0] for r in rounds] == [timing.round_order(["a", "b"], i)[0] for i in range(4)]
+
+
+def test_the_order_is_shuffled_so_every_column_follows_every_other():
+    """A fixed rotation makes a column always follow the same one (on a GPU the column after
+    eager ran fastest); shuffled per round, the same on every rank (seeded by the round)."""
+    cols = ["eager", "inductor", "again", "bound", "tdist"]
+    orders = [timing.round_order(cols, r) for r in range(40)]
+    assert all(sorted(o) == sorted(cols) for o in orders)
+    assert orders == [timing.round_order(cols, r) for r in range(40)]  # deterministic: ranks agree
+    follows = {}
+    for o in orders:
+        for a, b in zip(o, o[1:]):
+            follows[(a, b)] = follows.get((a, b), 0) + 1
+    assert len(follows) == 20                                           # every ordered pair occurs
+    assert follows.get(("eager", "inductor"), 0) < 20                  # not always the same neighbour
+
+
+def test_each_column_is_reported_right_after_its_own_preparation(fast):
+    log = []
+    cases = {"a": column(log, "a", 1), "b": column(log, "b", 1)}
+    timing.measure_interleaved(cases, Timer(torch.device("cpu")), iters=2, prepared=lambda c: log.append("P" + c),
+                               before_timing=lambda: log.append("T"))
+    pa, pb, t = log.index("Pa"), log.index("Pb"), log.index("T")
+    assert set(log[:pa]) == {"a"} and set(log[pa + 1:pb]) == {"b"} and pb < t
 
 
 def test_a_fast_row_gets_timed_ms_worth_of_calls(fast, monkeypatch):

@@ -201,6 +201,14 @@ def _all_reduce_cuda(x: torch.Tensor, group_name: str, impl: str = "auto") -> to
                 check_fused, lambda: sm.prepare_all_reduce(x.shape, x.dtype, group_name))
 
 
+def _nccl_gemm_all_reduce(a, b, bias, group_name: str) -> torch.Tensor:
+    """``unfused`` on CUDA, as Inductor runs it: cuBLAS into a fresh output, then NCCL reduces that
+    output in place (the reference's functional all_reduce would copy it first)."""
+    out = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)      # [M, N]
+    c10d = torch.ops._c10d_functional
+    return c10d.wait_tensor(c10d.all_reduce_(out, "sum", group_name))
+
+
 @torch.library.register_kernel("tdist::gemm_all_reduce", "cuda")
 def _gemm_all_reduce_cuda(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], group_name: str,
                           impl: str = "auto") -> torch.Tensor:
@@ -210,7 +218,7 @@ def _gemm_all_reduce_cuda(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch
     return _run("gemm_all_reduce", impl, group_name, _sig(a, b, bias),
                 lambda ws: gar.run(variant(impl), ws, a, b, bias, group_name),
                 lambda: sm.gemm_all_reduce(a, b, bias, group_name, variant(impl)),
-                lambda: ref.gemm_all_reduce(a, b, bias, group_name),
+                lambda: _nccl_gemm_all_reduce(a, b, bias, group_name),
                 lambda: gar.prepare(variant(impl), _workspace(group_name), a, b, bias),
                 lambda: sm.prepare_all_reduce(shape, a.dtype, group_name))
 

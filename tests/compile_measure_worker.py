@@ -1,0 +1,57 @@
+"""One gloo rank of ``test_compile_time_measure``: ``python compile_measure_worker.py RANK PORT CACHE
+SCENARIO`` compiles the HF-shaped toy tail (row-parallel linear -> all_reduce -> + residual ->
+RMSNorm) with the whole tdist backend, as on a GPU (``backend._on_gpu`` -> True), with the
+measuring harness replaced by a stub that times nothing but runs a real gloo collective, and
+prints ``RESULT <json>``: what was measured while compiling, the decisions, the output error."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def main(rank: int, port: int, cache: str, scenario: str) -> dict:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      TDCOMPILE_CACHE_DIR=os.path.join(cache, f"rank{rank}"))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    import tdcompile
+    from tdcompile import backend, measure
+    from tdcompile.config import Options
+    from rmsnorm_toys import RowParallelResidualNorm, toy_inputs, toy_model
+
+    backend._on_gpu = lambda: True                  # decide as on a GPU: from (stub) measurements
+    calls = []
+
+    def stub(key, group_name, only=None):           # both ranks must be here, with real tensors
+        from torch._subclasses.fake_tensor import FakeTensor
+        t = torch.ones(1)
+        joined = (not isinstance(t, FakeTensor)) and dist.all_reduce(t, group=dist.group.WORLD) is None
+        calls.append({"key": key.id(), "only": only, "real": joined, "ranks": float(t)})
+        fused = 4.0 if scenario == "fused_wins" else 9.5
+        times = {"unfused": 10.0 + rank, "fused:one_shot": fused + rank}   # max over ranks: 11 / fused + 1
+        return {c: times.get(c, math.inf) for c in (only or measure.candidates(key.op))}
+    measure.measure_key = stub
+
+    model = toy_model(RowParallelResidualNorm)
+    x, res = toy_inputs(rank=rank)
+    with torch.no_grad():
+        want = model(x, res)
+    rep = tdcompile.explain(model, x, res, options={"strategy": "auto"})
+    err = max((a - b).abs().max().item() for a, b in zip(rep.output, want))
+    rep2 = tdcompile.explain(model, x, res, options={"strategy": "auto"})   # the same process again
+    return {"calls": calls, "uuid": backend.TdistPass(Options()).uuid(),
+            "choices": sorted(f"{d.pattern}={d.choice}" for d in rep.matches),
+            "times": {d.pattern: d.decision.candidates_us for d in rep.matches},
+            "rewritten": any("tdist.all_reduce_rmsnorm" in after for _, after in rep.graphs),
+            "choices2": sorted(f"{d.pattern}={d.choice}" for d in rep2.matches), "err": err}
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    r = main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    print("RESULT " + json.dumps(r), flush=True)
+    dist.destroy_process_group()

@@ -1,0 +1,45 @@
+"""On a GPU, ``auto`` decides every static-shape match while compiling, all ranks together
+(``backend.decide_measured``): a shape the measured table lacks is measured right there, and the
+graph either runs the candidate that won or Inductor's own code -- never an ``"auto"`` op whose
+run-time fallback is slower than Inductor (2xH200, 2026-11-27: the E2E prefill row ran such
+fallbacks of all_reduce_rmsnorm at 0.82x Inductor, ``benchmarks/results/bench-h200-tp2-20261127-100651``).
+
+Run on 2 gloo ranks with the whole backend, decisions taken as on a GPU and the timing harness
+replaced by a stub that runs a real collective (``compile_measure_worker.py``)."""
+import pytest
+
+import gloo_ranks
+
+WORKER = "tests/compile_measure_worker.py"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    procs = {s: gloo_ranks.start(WORKER, 2, str(tmp_path_factory.mktemp(s)), s) for s in ("fused_wins", "tie")}
+    return {s: gloo_ranks.collect(p) for s, p in procs.items()}
+
+
+def test_a_shape_missing_from_the_table_is_measured_while_compiling_by_every_rank(runs):
+    for r in runs["fused_wins"]:
+        keys = sorted(c["key"].split("|")[0] for c in r["calls"])
+        assert keys == ["all_reduce_rmsnorm", "gemm_all_reduce"]        # each key once, in the pass
+        assert all(c["real"] and c["ranks"] == 2.0 for c in r["calls"])  # real tensors; both ranks joined
+
+
+def test_the_measured_winner_is_compiled_in_and_agreed_by_every_rank(runs):
+    r0, r1 = runs["fused_wins"]
+    assert r0["choices"] == r1["choices"] == ["all_reduce_rmsnorm=fused:one_shot", "gemm_all_reduce=unfused"]
+    assert r0["times"]["all_reduce_rmsnorm"]["unfused"] == 11.0            # the max over ranks
+    assert r0["rewritten"] and r0["err"] < 1e-5 and r1["err"] < 1e-5
+
+
+def test_a_tie_keeps_inductors_code_and_no_auto_op_is_left(runs):
+    for r in runs["tie"]:
+        assert r["choices"] == ["all_reduce_rmsnorm=unfused", "gemm_all_reduce=unfused"]
+        assert not r["rewritten"] and r["err"] < 1e-5
+
+
+def test_a_second_compile_reuses_the_agreement_and_caches_are_bypassed(runs):
+    for r in runs["fused_wins"]:
+        assert r["choices2"] == r["choices"] and len(r["calls"]) == 2      # nothing measured again
+        assert r["uuid"] is None               # no rank may be served from Inductor's cache, skipping the pass
