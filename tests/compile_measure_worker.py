@@ -40,12 +40,16 @@ def main(rank: int, port: int, cache: str, scenario: str) -> dict:
     x, res = toy_inputs(rank=rank)
     with torch.no_grad():
         want = model(x, res)
+    if scenario == "dynamic":                       # M unknown while compiling
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(res, 0)
     rep = tdcompile.explain(model, x, res, options={"strategy": "auto"})
     err = max((a - b).abs().max().item() for a, b in zip(rep.output, want))
     rep2 = tdcompile.explain(model, x, res, options={"strategy": "auto"})   # the same process again
     return {"calls": calls, "uuid": backend.TdistPass(Options()).uuid(),
             "choices": sorted(f"{d.pattern}={d.choice}" for d in rep.matches),
             "times": {d.pattern: d.decision.candidates_us for d in rep.matches},
+            "reasons": {d.pattern: d.decision.reason for d in rep.matches},
             "rewritten": any("tdist.all_reduce_rmsnorm" in after for _, after in rep.graphs),
             "choices2": sorted(f"{d.pattern}={d.choice}" for d in rep2.matches), "err": err}
 

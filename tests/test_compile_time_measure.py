@@ -15,7 +15,7 @@ WORKER = "tests/compile_measure_worker.py"
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    procs = {s: gloo_ranks.start(WORKER, 2, str(tmp_path_factory.mktemp(s)), s) for s in ("fused_wins", "tie")}
+    procs = {s: gloo_ranks.start(WORKER, 2, str(tmp_path_factory.mktemp(s)), s) for s in ("fused_wins", "tie", "dynamic")}
     return {s: gloo_ranks.collect(p) for s, p in procs.items()}
 
 
@@ -43,3 +43,13 @@ def test_a_second_compile_reuses_the_agreement_and_caches_are_bypassed(runs):
     for r in runs["fused_wins"]:
         assert r["choices2"] == r["choices"] and len(r["calls"]) == 2      # nothing measured again
         assert r["uuid"] is None               # no rank may be served from Inductor's cache, skipping the pass
+
+
+def test_dynamic_m_leaves_to_run_time_only_ops_whose_fallback_is_inductors_own_code(runs):
+    """With M unknown the op picks per M bucket at run time; its ``unfused`` fallback there is
+    NCCL on the GEMM's output (what Inductor runs) for gemm_all_reduce, but for all_reduce_rmsnorm
+    it would lose Inductor's fused add + RMSNorm kernel: that one is not rewritten."""
+    for r in runs["dynamic"]:
+        assert r["calls"] == []                                            # nothing to measure at compile
+        assert r["choices"] == ["all_reduce_rmsnorm=unfused", "gemm_all_reduce=auto"]
+        assert "dynamic M" in r["reasons"]["all_reduce_rmsnorm"] and r["err"] < 1e-5
