@@ -79,6 +79,9 @@ case ${STAGE:-prep} in
       CASES=$PRE_CASES COLUMNS=inductor,tdist BENCH_T=${PRE_T:-150} bench
     fi
     calibrate
+    if [[ -n ${CAL2:-} && $NP -gt 2 ]]; then   # the W=2 table too, on the first two GPUs of this host
+      CUDA_VISIBLE_DEVICES=0,1 NP=2 calibrate
+    fi
     BENCH_T=$(left) bench ;;
   arb)      # all-reduce kernel bench only (AR_ROWS rows x 5120)
     step "${ARB_T:-200}" torchrun --nproc_per_node "$NP" benchmarks/bench_all_reduce.py --out "$OUT" \
