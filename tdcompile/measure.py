@@ -143,10 +143,17 @@ def _measure_key(key: measured.Key, group_name: str, only, t0: float) -> dict:
     from tdcompile.ops import cuda as opc
 
     rank = dist.get_rank(measured._group(group_name))
-    args = _inputs(key, rank)
+    names = candidates(key.op) if only is None else only
+    try:                                   # e.g. out of memory: then no rank measures (none waits)
+        args, why = _inputs(key, rank), ""
+    except Exception as e:  # noqa: BLE001
+        args, why = None, f"{type(e).__name__}: {str(e)[:200]}"
+    if not measured.all_agree(args is not None, group_name):
+        log.warning("tdist: %s: not measured (%s); unfused is kept", key.id(), why or "inputs failed on another rank")
+        return {c: math.inf for c in names}
     expected = _call(key, "unfused", args, group_name)
     times = {}
-    for c in (candidates(key.op) if only is None else only):
+    for c in names:
         ok, why = True, ""
         try:
             before = opc.RAN[(key.op, family(c))]

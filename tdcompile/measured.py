@@ -328,6 +328,7 @@ def agreed_times(key: Key, group_name: str, candidates: list, measure_fn, fresh:
             _record_and_save(tab, key, {**hit[0], **new}, source, group_name)
     else:
         times, source = max_over_ranks(measure_fn(), candidates, group_name), "measured"
-        _record_and_save(tab, key, times, source, group_name)
+        if math.isfinite(times.get("unfused", math.inf)):   # not a measurement that failed as a whole
+            _record_and_save(tab, key, times, source, group_name)
     _AGREED[ck] = (choose(times)[0], times, source)
     return times, source
