@@ -107,6 +107,13 @@ def _worker(rank: int, port: int, cache_root: str, q) -> None:
         key5 = Key.of("all_reduce", m=2048, n=64, k=0, dtype=torch.float32, world=2)
         res["lookup_only"] = list(measured.agreed_times(key5, g, ["unfused", "fused"], None))
         res["lookup_only_recorded"] = tab.lookup(key5) is not None or (key5, g) in measured._AGREED
+        # 3e. a measurement that failed as a whole (unfused not timed, e.g. out of memory) decides
+        # unfused now but is not recorded: the next process measures again
+        key6 = Key.of("all_reduce", m=4096, n=64, k=0, dtype=torch.float32, world=2)
+        t6, _ = measured.agreed_times(key6, g, ["unfused", "fused"],
+                                      lambda only=None: {"unfused": math.inf, "fused": math.inf})
+        res["failed_choice"] = measured.choose(t6)[0]
+        res["failed_recorded"] = tab.lookup(key6) is not None
         # 4. a family one rank cannot run runs on no rank (no rank waits on a peer that fell back)
         res["ready_fault"] = opc.ready("all_reduce", "fused", g, ("sig",), lambda: None if rank == 0 else "no P2P")
         res["ready_ok"] = opc.ready("all_reduce", "symm_mem", g, ("sig",), lambda: None)
@@ -171,6 +178,12 @@ def test_a_look_up_only_agreement_measures_and_records_nothing(two_rank_results)
     for r in (0, 1):
         assert two_rank_results[r]["lookup_only"] == [None, ""]
         assert two_rank_results[r]["lookup_only_recorded"] is False
+
+
+def test_a_measurement_that_failed_as_a_whole_keeps_unfused_and_is_not_recorded(two_rank_results):
+    for r in (0, 1):
+        assert two_rank_results[r]["failed_choice"] == "unfused"
+        assert two_rank_results[r]["failed_recorded"] is False
 
 
 def test_a_family_that_fails_on_one_rank_is_disabled_on_every_rank(two_rank_results):
