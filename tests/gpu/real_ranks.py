@@ -23,3 +23,13 @@ def spawn(target, world: int, *args, timeout: float = 400) -> dict:
         if p.is_alive():
             p.kill()
     return res
+
+
+def expect_all_ok(target, world: int, *args, timeout: float = 400) -> None:
+    """The body of a real-process test: skip without ``world`` GPUs, else every rank must say "ok"."""
+    import pytest
+    import torch
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    res = spawn(target, world, *args, timeout=timeout)
+    assert all(v == "ok" for v in res.values()), res
