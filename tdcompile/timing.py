@@ -13,9 +13,9 @@ ROUNDS = 40
 """Interleaved rounds: the columns of a row take turns, so drift (clocks, heat) hits all alike."""
 TIMED_MS = 0.0
 """Least timed time per column (all rounds together); ``tdcompile bench`` sets 1500 on a GPU, so
-a 1 ms prefill row gets ~1500 samples, not ``iters``.  With 40 samples, rows running the same
-code as Inductor read 0.96-1.06 on 2-4 GPUs (benchmarks/results, 2026-11-27); the median of many
-more is what a 1% law can be judged by."""
+a 1 ms prefill row gets ~1500 samples, not ``iters``. With this and the shuffled order, identical
+code read 0.996-1.006 apart (``inductor / again`` in benchmarks/results
+bench-h200-tp2-20261127-102409.json and bench-h200-tp4-20261127-104639.json)."""
 MAX_CALLS = 2000
 """Most timed calls per column (all rounds)."""
 
@@ -38,8 +38,7 @@ def round_order(cols: list, r: int) -> list:
     return random.Random(0x7D15 + r).sample(list(cols), len(cols))
 
 
-def measure_interleaved(cases: dict, timer: Timer, iters: int, before_timing=None, after_timing=None,
-                        prepared=None) -> dict:
+def measure_interleaved(cases: dict, timer: Timer, iters: int, after_timing=None, prepared=None) -> dict:
     """``{column: median ms}`` for ``cases = {column: (fn, rewind, graph)}``, the max over ranks.
 
     Each case is compiled/captured, then warmed for at least ``WARMUP_MS`` (at least 3 calls),
@@ -48,8 +47,7 @@ def measure_interleaved(cases: dict, timer: Timer, iters: int, before_timing=Non
     for ``TIMED_MS`` of the slowest column (at most ``MAX_CALLS``).
     ``prepared(column)`` runs right after that column's compile, capture and warm-up (columns are
     prepared one after another, so the bench can tell which ops each one ran).
-    ``before_timing()`` runs once, after every compile, capture and warm-up, before the first
-    timed call (the bench snapshots what ran there, so first-call measurements don't count)."""
+    ``after_timing(runs)`` runs once after the last timed call (the bench traces there)."""
     runs, slowest = {}, 1e-3
     for col, (fn, rewind, graph) in cases.items():
         rewind = rewind or (lambda: None)
@@ -74,8 +72,6 @@ def measure_interleaved(cases: dict, timer: Timer, iters: int, before_timing=Non
     calls = min(MAX_CALLS, max(iters, int(TIMED_MS / slowest)))   # per column, all rounds
     per = _agreed_int(max(1, -(-calls // ROUNDS)), timer)
     cols = list(runs)
-    if before_timing is not None:
-        before_timing()
     for r in range(ROUNDS):
         for c in round_order(cols, r):
             fn, rewind = runs[c]

@@ -1,6 +1,6 @@
 """``timing.measure_interleaved``, the bench's clock: columns take turns, every column gets at
-least ``iters`` timed calls and at least ``TIMED_MS`` of them, and what runs before the first
-timed call (compiles, warm-ups, ``auto``'s first-call measurements) is kept out of the record."""
+least ``iters`` timed calls and at least ``TIMED_MS`` of them, in a shuffled order, after every
+column was compiled and warmed up (each reported by ``prepared``)."""
 import time
 
 import pytest
@@ -23,15 +23,19 @@ def fast(monkeypatch):
     monkeypatch.setattr(timing, "ROUNDS", 4)
 
 
-def test_columns_take_turns_and_the_hook_runs_once_before_the_first_timed_call(fast):
+def timed_part(log):
+    """The calls after the last column was prepared (``prepared`` marks ``"P<column>"``)."""
+    return log[max(i for i, x in enumerate(log) if x.startswith("P")) + 1:]
+
+
+def test_columns_take_turns_after_every_column_was_compiled_and_warmed(fast):
     log = []
     cases = {"a": column(log, "a", 1), "b": column(log, "b", 1)}
     out = timing.measure_interleaved(cases, Timer(torch.device("cpu")), iters=8,
-                                     before_timing=lambda: log.append("T"))
+                                     prepared=lambda c: log.append("P" + c))
     assert set(out) == {"a", "b"} and all(v > 0 for v in out.values())
-    t = log.index("T")
-    assert log.count("T") == 1 and set(log[:t]) == {"a", "b"}          # compiles and warm-ups first
-    timed = log[t + 1:]
+    timed = timed_part(log)
+    assert set(log[:len(log) - len(timed)]) == {"a", "b", "Pa", "Pb"}  # compiles and warm-ups first
     assert timed.count("a") == timed.count("b") == 8                   # iters per column, 4 rounds of 2
     rounds = [timed[i:i + 4] for i in range(0, 16, 4)]                 # each round: 2 calls of each
     assert all(sorted(r) == ["a", "a", "b", "b"] and r[0] == r[1] for r in rounds)
@@ -56,21 +60,20 @@ def test_the_order_is_shuffled_so_every_column_follows_every_other():
 def test_each_column_is_reported_right_after_its_own_preparation(fast):
     log = []
     cases = {"a": column(log, "a", 1), "b": column(log, "b", 1)}
-    timing.measure_interleaved(cases, Timer(torch.device("cpu")), iters=2, prepared=lambda c: log.append("P" + c),
-                               before_timing=lambda: log.append("T"))
-    pa, pb, t = log.index("Pa"), log.index("Pb"), log.index("T")
-    assert set(log[:pa]) == {"a"} and set(log[pa + 1:pb]) == {"b"} and pb < t
+    timing.measure_interleaved(cases, Timer(torch.device("cpu")), iters=2, prepared=lambda c: log.append("P" + c))
+    pa, pb = log.index("Pa"), log.index("Pb")
+    assert set(log[:pa]) == {"a"} and set(log[pa + 1:pb]) == {"b"} and timed_part(log)
 
 
 def test_a_fast_row_gets_timed_ms_worth_of_calls(fast, monkeypatch):
     monkeypatch.setattr(timing, "TIMED_MS", 200.0)
     log = []
     timing.measure_interleaved({"a": column(log, "a", 2)}, Timer(torch.device("cpu")), iters=4,
-                               before_timing=lambda: log.append("T"))
-    timed = log[log.index("T") + 1:]
+                               prepared=lambda c: log.append("P" + c))
+    timed = timed_part(log)
     assert 20 <= len(timed) <= 100                                      # ~200 ms of >= 2 ms calls, not 4
     monkeypatch.setattr(timing, "MAX_CALLS", 8)
     log.clear()
     timing.measure_interleaved({"a": column(log, "a", 1)}, Timer(torch.device("cpu")), iters=4,
-                               before_timing=lambda: log.append("T"))
-    assert len(log[log.index("T") + 1:]) == 8                           # capped
+                               prepared=lambda c: log.append("P" + c))
+    assert len(timed_part(log)) == 8                                    # capped
