@@ -266,9 +266,8 @@ def decide_measured(m, may_measure: bool = True) -> Decision:
         hit = measured.table(m.world_size).lookup(key)
         times, source = (hit[0], hit[1]) if hit is not None else (None, "")
     else:
-        fn = (lambda only=None: measure.measure_key(key, m.group_name, only)) if may_measure else None
         with unset_fake_temporarily(), torch.no_grad():       # real tensors, even inside Inductor's tracing
-            times, source = measured.agreed_times(key, m.group_name, cands, fn)
+            times, source = measure.agreed(key, m.group_name, may_measure=may_measure)
     if times is None or "unfused" not in times:
         why = "first compiled inside a CUDA-graph capture" if capturing else "not measured for this costing"
         return Decision("unfused", {}, f"{key.id()} is not in the measured table ({why}): keeping Inductor's code")

@@ -65,9 +65,7 @@ def fill_table(keys: list, group_name: str, say=print, reuse: bool = False) -> d
     from tdcompile import measure, measured
     out = {}
     for i, key in enumerate(keys):
-        times, source = measured.agreed_times(key, group_name, measure.candidates(key.op),
-                                              lambda only=None, key=key: measure.measure_key(key, group_name, only),
-                                              fresh=not reuse)
+        times, source = measure.agreed(key, group_name, fresh=not reuse)
         out[key.id()] = (times, source)
         best, why = measured.choose(times)
         say(f"[calibrate] {i + 1}/{len(keys)} {key.id():58s} {source:8s} -> {best:18s} "

@@ -124,6 +124,13 @@ def graph_us(fn, repeat: int = REPEAT, replays: int = REPLAYS) -> float:
     return statistics.median(times)
 
 
+def agreed(key: measured.Key, group_name: str, *, fresh: bool = False, may_measure: bool = True) -> tuple:
+    """``measured.agreed_times`` of ``key`` with this module's candidates, measuring what every rank
+    lacks with ``measure_key`` (``may_measure=False``: look up only); a collective."""
+    fn = (lambda only=None: measure_key(key, group_name, only)) if may_measure else None
+    return measured.agreed_times(key, group_name, candidates(key.op), fn, fresh=fresh)
+
+
 def measure_key(key: measured.Key, group_name: str, only: list | None = None) -> dict:
     """``{impl: us}`` on this rank (inf: failed, wrong or fell back) for every candidate of
     ``key.op``, or for ``only`` those (the ones a shipped entry lacks); a collective."""
