@@ -53,6 +53,7 @@ case ${STAGE:-prep} in
       gate tests/gpu/test_all_reduce_rmsnorm_lamport.py all_reduce_rmsnorm/fused:lamport
       gate tests/gpu/test_gemm_all_reduce_ce.py gemm_all_reduce/fused:ce2,gemm_all_reduce/fused:ce4
     fi
+    gate tests/gpu/test_all_reduce_rmsnorm_lamport2.py all_reduce_rmsnorm/fused:lamport2
     gate "tests/gpu/test_all_reduce_lamport2.py tests/gpu/test_all_reduce_lamport.py -k lamport2" fused:lamport2
     [[ ,$SKIPS, == *,fused:lamport2,* ]] || TDCOMPILE_SPIN_TIMEOUT_S=5 step "${TEST_T:-150}" python3 -m pytest -q -rs \
       -p no:cacheprovider -m multigpu tests/gpu/test_all_reduce_lamport2.py \

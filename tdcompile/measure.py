@@ -34,7 +34,7 @@ CANDIDATES = {
     "gemm_all_reduce": ["unfused", "fused", "fused:one_shot", "fused:two_shot", "symm_mem:one_shot",
                         "symm_mem:two_shot", "fused:lamport", "fused:lamport2", "fused:pipe2", "fused:pipe4",
                         "fused:pipe2_nccl", "fused:pipe4_nccl", "fused:ce2", "fused:ce4"],
-    "all_reduce_rmsnorm": ["unfused", "fused:one_shot", "fused:two_shot", "fused:lamport"],
+    "all_reduce_rmsnorm": ["unfused", "fused:one_shot", "fused:two_shot", "fused:lamport", "fused:lamport2"],
     "all_gather_gemm": ["unfused", "fused", "symm_mem"],
     "gemm_reduce_scatter": ["unfused", "fused", "symm_mem"],
 }

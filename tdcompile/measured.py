@@ -54,8 +54,9 @@ _DIGESTS: dict[tuple, str] = {}
 def impl_files(op: str, impl: str) -> list[str]:
     """The package files (relative paths) whose code decides how fast ``impl`` runs ``op``."""
     fam, var = impl.split(":", 1)[0], (impl.split(":", 1)[1] if ":" in impl else "")
-    if fam == "unfused":
-        return []                          # NCCL + cuBLAS: covered by the torch version in the env
+    if fam == "unfused":                   # NCCL + cuBLAS: covered by the torch version in the env,
+        return ["kernels/add_rmsnorm.py", "kernels/all_reduce_rmsnorm.py"] \
+            if op == "all_reduce_rmsnorm" else []          # + the stand-in for Inductor's norm kernel
     if fam == "symm_mem":
         return ["ops/symm_mem.py"]
     base = ["ops/cuda.py", "kernels/symm.py", "kernels/signals.py"]
@@ -66,7 +67,9 @@ def impl_files(op: str, impl: str) -> list[str]:
             if op == "all_reduce_rmsnorm" else []
         return base + ["kernels/all_reduce_lamport.py"] + extra
     if var == "lamport2":
-        return base + ["kernels/all_reduce_lamport.py", "kernels/all_reduce_lamport2.py"]
+        extra = ["kernels/all_reduce_rmsnorm_lamport2.py", "kernels/all_reduce_rmsnorm.py"] \
+            if op == "all_reduce_rmsnorm" else []
+        return base + ["kernels/all_reduce_lamport.py", "kernels/all_reduce_lamport2.py"] + extra
     if var.startswith("pipe"):
         return base + ["ops/overlap.py", "kernels/all_reduce.py"]
     if var.startswith("ce"):

@@ -293,6 +293,10 @@ def test_an_entry_measured_with_other_kernel_code_is_measured_again(tmp_path, mo
 def test_each_candidate_is_keyed_by_the_files_that_implement_it():
     files = measured.impl_files
     assert files("all_reduce", "unfused") == []
+    # all_reduce_rmsnorm's unfused baseline runs tdcompile's stand-in for Inductor's norm kernel
+    assert "kernels/add_rmsnorm.py" in files("all_reduce_rmsnorm", "unfused")
+    assert "kernels/all_reduce_rmsnorm_lamport2.py" in files("all_reduce_rmsnorm", "fused:lamport2")
+    assert "kernels/all_reduce_rmsnorm_lamport2.py" not in files("all_reduce", "fused:lamport2")
     assert "kernels/all_reduce_lamport.py" in files("all_reduce", "fused:lamport")
     assert "kernels/all_reduce.py" not in files("all_reduce", "fused:lamport")
     assert "kernels/all_reduce_rmsnorm.py" in files("all_reduce_rmsnorm", "fused:two_shot")
@@ -301,6 +305,7 @@ def test_each_candidate_is_keyed_by_the_files_that_implement_it():
     assert "kernels/gemm_reduce_scatter.py" in files("gemm_reduce_scatter", "fused")
     assert files("all_gather_gemm", "symm_mem") == ["ops/symm_mem.py"]
     import os as _os
-    for op, impl in [("all_reduce", "fused:one_shot"), ("gemm_all_reduce", "fused"), ("all_gather_gemm", "fused")]:
+    for op, impl in [("all_reduce", "fused:one_shot"), ("gemm_all_reduce", "fused"), ("all_gather_gemm", "fused"),
+                     ("all_reduce_rmsnorm", "fused:lamport2"), ("all_reduce_rmsnorm", "unfused")]:
         for rel in files(op, impl):                                        # every named file exists
             assert _os.path.exists(_os.path.join(measured._PKG, rel)), rel

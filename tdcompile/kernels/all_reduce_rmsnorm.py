@@ -40,12 +40,24 @@ DEFAULT_CTAS = 64
 @triton.jit
 def _epilogue(ar, r, w, cm, eps, N: tl.constexpr, dt: tl.constexpr):
     """HF order of operations: residual add in dtype, norm in fp32, cast, scale in dtype."""
-    nr = (r.to(tl.float32) + ar.to(tl.float32)).to(dt)
+    nr = _add_residual(ar, r, dt)
+    return nr, _rmsnorm(nr, w, cm, eps, N, dt)
+
+
+@triton.jit
+def _add_residual(ar, r, dt: tl.constexpr):
+    """``residual + ar`` rounded once to dtype (HF's ``residual + hidden_states``)."""
+    return (r.to(tl.float32) + ar.to(tl.float32)).to(dt)
+
+
+@triton.jit
+def _rmsnorm(nr, w, cm, eps, N: tl.constexpr, dt: tl.constexpr):
+    """HF RMSNorm of one row ``nr`` (dtype): fp32 mean of squares over the N valid columns
+    ``cm``, rsqrt(var + eps), cast to dtype, then ``weight *`` in dtype."""
     h = nr.to(tl.float32)
     var = tl.sum(tl.where(cm, h * h, 0.0), axis=0) * (1.0 / N)
     h = h * tl.math.rsqrt(var + eps)
-    y = (w.to(tl.float32) * h.to(dt).to(tl.float32)).to(dt)
-    return nr, y
+    return (w.to(tl.float32) * h.to(dt).to(tl.float32)).to(dt)
 
 
 @triton.jit(do_not_specialize=["M", "err_addr", "err_base", "rank", "timeout_us"])

@@ -64,7 +64,12 @@ def all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
       multiplication by ``weight`` (so ``weight * h`` runs in the input dtype when the weight has
       it).
     """
-    reduced = all_reduce(x, group_name)
+    return rmsnorm_after_all_reduce(all_reduce(x, group_name), residual, weight, eps)
+
+
+def rmsnorm_after_all_reduce(reduced: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part of ``all_reduce_rmsnorm`` after the all-reduce (its docstring)."""
     new_residual = residual + reduced
     input_dtype = new_residual.dtype
     h = new_residual.to(torch.float32)

@@ -24,7 +24,7 @@ IMPLS = {
                         "fused:ce2", "fused:ce4"],
     "gemm_reduce_scatter": ["fused", "symm_mem"],
     "all_gather_gemm": ["fused", "symm_mem"],
-    "all_reduce_rmsnorm": ["fused:one_shot", "fused:two_shot", "fused:lamport"],
+    "all_reduce_rmsnorm": ["fused:one_shot", "fused:two_shot", "fused:lamport", "fused:lamport2"],
 }
 """Every candidate of ``auto`` (``measure.CANDIDATES`` minus ``unfused``), less those a session leaves
 out with ``TDCOMPILE_SKIP_CANDIDATES`` after their own GPU tests failed."""
