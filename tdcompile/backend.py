@@ -271,7 +271,7 @@ def decide_measured(m, may_measure: bool = True) -> Decision:
     if times is None or "unfused" not in times:
         why = "first compiled inside a CUDA-graph capture" if capturing else "not measured for this costing"
         return Decision("unfused", {}, f"{key.id()} is not in the measured table ({why}): keeping Inductor's code")
-    choice, why = measured.choose({c: t for c, t in times.items() if c in cands or c == "unfused"})
+    choice, why = measured.choose({c: t for c, t in times.items() if c in cands or c == "unfused"}, key.m)
     return Decision(choice, {c: round(t, 1) for c, t in times.items()}, why, source=source)
 
 
@@ -311,7 +311,7 @@ def _table_digest() -> str:
     h = hashlib.sha256()
     for w, t in sorted(measured._TABLES.items()):
         for kid in sorted(t.entries):
-            h.update(f"{w}:{kid}:{measured.choose(t.entries[kid])[0]};".encode())
+            h.update(f"{w}:{kid}:{measured.choose(t.entries[kid], measured.Key.parse(kid).m)[0]};".encode())
     return h.hexdigest()[:16]
 
 

@@ -67,7 +67,7 @@ def fill_table(keys: list, group_name: str, say=print, reuse: bool = False) -> d
     for i, key in enumerate(keys):
         times, source = measure.agreed(key, group_name, fresh=not reuse)
         out[key.id()] = (times, source)
-        best, why = measured.choose(times)
+        best, why = measured.choose(times, key.m)
         say(f"[calibrate] {i + 1}/{len(keys)} {key.id():58s} {source:8s} -> {best:18s} "
             + " ".join(f"{c}={t:.1f}" for c, t in times.items()), flush=True)
     return out
@@ -105,7 +105,7 @@ def kernel_results(entries: dict) -> list:
         rows.append({"op": k.op, "M": k.m, "N": k.n, "K": k.k, "dtype": k.dtype, "world": k.world,
                      "unfused_us": round(times.get("unfused", float("nan")), 1),
                      "fused_us": round(fused[best], 1) if best else None, "fused_impl": best,
-                     "auto_choice": choose(times)[0], "source": source,
+                     "auto_choice": choose(times, k.m)[0], "source": source,
                      "candidates_us": {c: (round(t, 1) if t != float("inf") else "failed") for c, t in times.items()}})
     return rows
 
@@ -246,7 +246,8 @@ def calibrate_main(args) -> None:
                            "machine": machine(device), "versions": versions(),
                            "world": dist.get_world_size() if multi else 1, "env": mt.environment(
                                dist.get_world_size() if multi else 1),
-                           "entries": {k: {"times_us": t, "source": s, "choice": mt.choose(t)[0]}
+                           "entries": {k: {"times_us": t, "source": s,
+                                           "choice": mt.choose(t, mt.Key.parse(k).m)[0]}
                                        for k, (t, s) in entries.items()},
                            "profile": dataclasses.asdict(prof), "prediction_errors": errors}, f, indent=1)
             say(f"[calibrate] report written to {args.report}")

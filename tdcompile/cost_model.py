@@ -180,7 +180,7 @@ def decide(pattern: str, *, m: Optional[int], n: int, k: int, world_size: int, d
         if hit is None:
             return Decision("auto", {}, f"not in the measured table ({key.id()}): measured on the first call, "
                                         "all ranks together")
-        choice, why = measured.choose(hit[0])
+        choice, why = measured.choose(hit[0], key.m)
         return Decision(choice, {c: round(t, 1) for c, t in hit[0].items()}, why, source=hit[1])
     if profile is None or m is None:
         return Decision("unfused", {}, "no GPU and no device profile: keeping NCCL/gloo + GEMM" if profile is None
@@ -188,5 +188,5 @@ def decide(pattern: str, *, m: Optional[int], n: int, k: int, world_size: int, d
     elem = torch.empty((), dtype=dtype).element_size()
     pred = {c: round(t, 2) for c, t in predict(pattern, m=m, n=n, k=k, world_size=world_size, elem=elem,
                                                 profile=profile).items()}
-    choice, why = measured.choose(pred)
+    choice, why = measured.choose(pred, measured.bucket(m))
     return Decision(choice, pred, f"predicted (no GPU to measure on): {why}", source="predicted")

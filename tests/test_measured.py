@@ -39,6 +39,16 @@ def test_a_key_round_trips_through_its_id():
 ])
 def test_the_fastest_candidate_wins_only_by_more_than_the_tie_margin(times, expected):
     assert choose(times)[0] == expected
+    assert choose(times, 4096)[0] == expected                               # large M: the same margin
+
+
+def test_decode_sized_rows_take_a_smaller_win():
+    """M <= SMALL_M: wins above TIE_SMALL (8%) are taken; a larger M keeps the 15% margin."""
+    down = {"unfused": 65.3, "fused:lamport": 56.5}                # 0.865x: down_proj, M=128, 2xH200
+    assert choose(down, 128)[0] == "fused:lamport"
+    assert choose(down, 4096)[0] == "unfused" and choose(down)[0] == "unfused"
+    assert choose({"unfused": 20.0, "fused": 18.7}, 128)[0] == "unfused"     # 6.5%: inside even the small margin
+    assert measured.tie(measured.SMALL_M) == measured.TIE_SMALL and measured.tie(measured.SMALL_M * 2) == measured.TIE
 
 
 def test_a_saved_table_loads_back_only_for_the_same_environment(tmp_path, monkeypatch):

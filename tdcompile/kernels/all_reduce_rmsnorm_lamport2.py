@@ -1,17 +1,18 @@
 """All-reduce + residual add + RMSNorm on the two-shot Lamport protocol (``all_reduce_rmsnorm``,
-variant ``lamport2``): ``all_reduce_lamport2``'s reduce-scatter and all-gather pushes, with the
-residual add done by the owner of each shard and the RMSNorm by every rank on whole rows::
+variant ``lamport2``): ``all_reduce_lamport2``'s reduce-scatter and all-gather pushes, then the
+residual add and the RMSNorm by every rank on whole rows::
 
     ar           = all_reduce(x)          # fp32 sum in rank order of the pushed words, cast once
-    new_residual = residual + ar          # in dtype, by the shard's owner (HF's ``residual + h``)
-    normed       = weight * rmsnorm(new_residual).to(dtype)     # every rank, whole rows
+    new_residual = residual + ar          # in dtype, with THIS rank's residual (HF's ``residual + h``)
+    normed       = weight * rmsnorm(new_residual).to(dtype)
 
 Why: in TP decode every all-reduce is followed by HF's ``residual + h`` and an RMSNorm, which
 Inductor runs as one more kernel (~3.4 us at 128x5120 on 4xH200, plus its launch gap, 16 times
 per 8-layer step: ``scripts/trace_summary.py`` on bench-h200-tp4-20261127-113833).  Here the
-owner adds the residual to the reduced values before its all-gather push, so what travels is
-``new_residual`` -- the same bytes as ``all_reduce_lamport2`` -- and the norm runs on rows that
-are already in registers.
+all-gather stage reads whole rows, so the add and the norm run on rows already in registers.
+The residual is each rank's own, never the owner's: under TP it is replicated, but the op's
+contract is ``residual + all_reduce(x)`` with the local residual, and a rank whose residual
+differs must get its own result (the real-process family test feeds per-rank residuals).
 
 One call (slot s from the control block of entry ``pid``; chunks of ``BLOCK`` elements, shards
 of ``S`` elements as in ``all_reduce_lamport2``, whose region, control entries and slot rotation
@@ -19,11 +20,11 @@ this kernel shares, so calls of both interleave):
   1. RS push: every chunk of ``x``, 128-bit, into segment ``rank`` of slot s of its owner;
   2. clear own slot (s+2)%3: the RS segments of this rank's previous shard, the previous AG range;
   3. reduce: for each chunk of this rank's shard that this CTA pushed in stage 1, poll the W RS
-     segments (bounded), sum in fp32 in rank order, cast, add the residual in dtype, and push
-     the new residual into AG slot s of EVERY rank (own included);
-  4. rows b, b+G, ...: poll own AG slot s over the row (bounded), decode, write
-     ``residual_out``, normalise, write ``out`` (every rank computes the same bits from the same
-     words: bit-identical outputs on every rank);
+     segments (bounded), sum in fp32 in rank order, cast, and push the result into AG slot s
+     of EVERY rank (own included);
+  4. rows b, b+G, ...: poll own AG slot s over the row (bounded), decode, add this rank's
+     residual row in dtype, write ``residual_out``, normalise, write ``out`` (the reduced words
+     are the same on every rank, so with equal residuals the outputs are bit-identical);
   5. advance the control entries.
 A timed-out poll records an error (op ``all_reduce_rmsnorm``, this rank); the block skips the rest.
 
@@ -88,7 +89,7 @@ def _ar_rms_lamport2(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, M, n_arg, n8_a
     _clear(own + old * WORLD * cap + lo, cap, hi - lo, pid, G, BLOCK, WORLD)
     ag = own + 3 * WORLD * cap
     _clear(ag + old * cap, cap, prev, pid, G, BLOCK, 1)
-    # 3. reduce this rank's shard, add the residual, push the new residual into AG slot s of every rank
+    # 3. reduce this rank's shard, push the result into AG slot s of every rank
     tmo = timeout_us.to(tl.int64) * 1000
     t0 = globaltimer()
     ok = 1
@@ -102,9 +103,8 @@ def _ar_rms_lamport2(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, M, n_arg, n8_a
             ok, e0, e1, e2, e3, e4, e5, e6, e7 = _poll(cur, cap, o, o < hi, t0, tmo, BLOCK, WORLD)
             if ok != 0:
                 acc = _sum_words(e0, e1, e2, e3, e4, e5, e6, e7, sign, dt, WORLD)
-                r = tl.load(res_ptr + o, mask=o < n, other=0.0)
-                _push(a0, a1, a2, a3, a4, a5, a6, a7, o, _add_residual(acc.to(dt), r, dt), o < hi, sign, WORLD)
-    # 4. whole rows from own AG slot s: the new residual, then the norm
+                _push(a0, a1, a2, a3, a4, a5, a6, a7, o, acc.to(dt), o < hi, sign, WORLD)
+    # 4. whole rows from own AG slot s: + this rank's residual, then the norm
     cur = ag + s * cap
     cols = tl.arange(0, BLOCK_N)
     cm = cols < N
@@ -115,7 +115,8 @@ def _ar_rms_lamport2(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, M, n_arg, n8_a
             o = row * N + cols
             ok, e = _poll1(cur, o, cm, t0, tmo, BLOCK_N)
             if ok != 0:
-                nr = (e ^ rsign).to(dt, bitcast=True)
+                r = tl.load(res_ptr + o, mask=cm, other=0.0)
+                nr = _add_residual((e ^ rsign).to(dt, bitcast=True), r, dt)
                 tl.store(res_out_ptr + o, nr, mask=cm)
                 tl.store(out_ptr + o, _rmsnorm(nr, w, cm, eps, N, dt), mask=cm)
     if ok == 0:
