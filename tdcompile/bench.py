@@ -191,7 +191,10 @@ def bench_main(args) -> dict:
             "dtype": str(dtype).split(".")[-1], "model": args.model, "layers": config.num_hidden_layers,
             "hidden": config.hidden_size, "strategy": args.strategy}
     tag = args.tag or (meta["machine"].get("gpu", "cpu").replace("NVIDIA ", "").replace(" ", "-").lower())
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = [datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
+    if dist.is_initialized() and world > 1:      # rank 0's: one stem for every rank's trace files
+        dist.broadcast_object_list(stamp, src=0)
+    stamp = stamp[0]
     stem = os.path.join(args.out, f"{'check' if args.check else 'bench'}-{tag}-tp{world}-{stamp}")
     timing.WARMUP_MS = args.warmup_ms
     timing.ROUNDS = args.rounds
