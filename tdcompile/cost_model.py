@@ -165,7 +165,9 @@ def decide(pattern: str, *, m: Optional[int], n: int, k: int, world_size: int, d
     """Pick an implementation for one match. ``m=None`` means dynamic (unknown at compile time).
 
     ``table`` (a :class:`tdcompile.measured.Table`, given on a GPU) makes ``"auto"`` decide from
-    measurements only; without it (no GPU) the analytic model predicts from ``profile``."""
+    measurements only -- a static M from its entry (a miss stays unfused: the pipeline measures
+    such keys before asking, ``backend.decide_measured``), a dynamic M at run time (``"auto"``);
+    without it (no GPU) the analytic model predicts from ``profile``."""
     from tdcompile import measured
     from tdcompile.config import FAMILIES
 
@@ -177,9 +179,9 @@ def decide(pattern: str, *, m: Optional[int], n: int, k: int, world_size: int, d
             return Decision("auto", {}, "dynamic M: the op picks from the measured table per M bucket at run time")
         key = measured.Key.of(pattern, m=m, n=n, k=k, dtype=dtype, world=world_size)
         hit = table.lookup(key)
-        if hit is None:
-            return Decision("auto", {}, f"not in the measured table ({key.id()}): measured on the first call, "
-                                        "all ranks together")
+        if hit is None:   # the pipeline measures such a key while compiling (backend.decide_measured)
+            return Decision("unfused", {}, f"not in the measured table ({key.id()}): keeping unfused; a compile "
+                                           "on the GPU measures it first, all ranks together")
         choice, why = measured.choose(hit[0], key.m)
         return Decision(choice, {c: round(t, 1) for c, t in hit[0].items()}, why, source=hit[1])
     if profile is None or m is None:
