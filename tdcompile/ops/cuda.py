@@ -231,6 +231,9 @@ def _all_gather_gemm_cuda(a_shard: torch.Tensor, bs: list[torch.Tensor], world_s
                    n=sum(b.shape[1] for b in bs), k=a_shard.shape[1], dtype=a_shard.dtype)
 
     def fused(ws):
+        if variant(impl) == "ce":       # cuBLAS per shard, shards pulled by the copy engine
+            from tdcompile.kernels.all_gather_gemm_ce import all_gather_gemm_ce
+            return all_gather_gemm_ce(ws, a_shard, list(bs), return_a)
         from tdcompile.kernels.all_gather_gemm import all_gather_gemm
         return all_gather_gemm(ws, a_shard, list(bs), return_a)
 

@@ -23,7 +23,7 @@ IMPLS = {
                         "fused:lamport", "fused:lamport2", "fused:pipe2", "fused:pipe4", "fused:pipe2_nccl", "fused:pipe4_nccl",
                         "fused:ce2", "fused:ce4"],
     "gemm_reduce_scatter": ["fused", "symm_mem"],
-    "all_gather_gemm": ["fused", "symm_mem"],
+    "all_gather_gemm": ["fused", "symm_mem", "fused:ce"],
     "all_reduce_rmsnorm": ["fused:one_shot", "fused:two_shot", "fused:lamport", "fused:lamport2"],
 }
 """Every candidate of ``auto`` (``measure.CANDIDATES`` minus ``unfused``), less those a session leaves
