@@ -6,13 +6,15 @@ that GEMM runs at 0.57-0.9x cuBLAS, so the fused op lost to NCCL + cuBLAS at pre
 (issue 11: 1938 vs 1710 us at M=4096 gate/up, 2xH100).  Here every FLOP is cuBLAS's, and the
 only SM work besides it is two 1-CTA barriers::
 
-    main:  mm(a_shard, b_j) -> out_j[own rows]  ─ wait ev[1] ─ mm(A[s1 rows], b_j) ─ wait ev[2] ...
-    side:  copy-in ─ ENTRY barrier ─ CE pull shard s1 -> A ─ ev[1] ─ pull s2 ─ ev[2] ... ─ EXIT barrier
+    main:  mm(a_shard, b_j) -> own rows ─ wait ENTRY ─ pull s2 ─ mm(s2 rows) ─ ... ─ join ─ EXIT barrier
+    side:  copy-in ─ ENTRY barrier ───── pull s1 ─ mm(s1 rows) ─ pull s3 ─ mm(s3 rows) ...
 
 (s_i = (rank + i) % W: every rank pulls from a different peer at each step.)  The own shard's
-GEMMs start at once; pull i hides behind GEMM i-1.  What stays exposed is only the first pull
-when the own-shard GEMM is shorter than copy-in + barrier + pull (small M, W=4), which the
-measured decision weighs.
+GEMMs start at once; pull i hides behind the GEMMs before it.  Shards alternate between the two
+streams, so one GEMM's last wave overlaps the next one's first (torch async-TP's schedule; with
+the GEMMs of one stream only this variant measured 383 vs 335 us for torch's at M=4096 q/k/v,
+2xH200, calibrate-h200-tp2-20261127-1255-sp.json).  What stays exposed: the first pull when the
+own-shard GEMM is shorter than copy-in + barrier + pull (small M, W=4), and the EXIT barrier.
 
 **Ordering and buffer reuse.**  The shard buffer is the symmetric region
 ``all_gather_gemm.shard`` and the barriers are the ENTRY / EXIT channels with the op's epoch,
@@ -77,23 +79,19 @@ def all_gather_gemm_ce(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a:
     yield
     # Simulated ranks step one ``yield`` at a time: every rank launches its barrier before any
     # rank enqueues a pull (SimWorld.run's rule for waiting kernels).
+    entered = torch.cuda.Event()
     with torch.cuda.stream(ws.side):
         _ag_barrier[(1,)](*entry, WORLD=W, num_warps=1)
+        entered.record(ws.side)
     yield
-    arrived = []
-    with torch.cuda.stream(ws.side):
-        for i in range(1, W):
-            s = (r + i) % W
+    main.wait_event(entered)
+    for i in range(1, W):        # pull + GEMMs of shard s_i on alternating streams: a GEMM's last
+        s = (r + i) % W          # wave overlaps the next one's first (torch async-TP's schedule)
+        with torch.cuda.stream(ws.side if i % 2 else main):
             A[s * m:(s + 1) * m].copy_(peers[s])                             # [m, K] over NVLink (CE)
-            ev = torch.cuda.Event()
-            ev.record(ws.side)
-            arrived.append((s, ev))
+            for b, c in zip(bs, outs):
+                torch.mm(A[s * m:(s + 1) * m], b, out=c[s * m:(s + 1) * m])  # shard s's rows
     yield
-    with torch.cuda.stream(ws.side):
-        _ag_barrier[(1,)](*leave, WORLD=W, num_warps=1)
-    for s, ev in arrived:
-        main.wait_event(ev)
-        for b, c in zip(bs, outs):
-            torch.mm(A[s * m:(s + 1) * m], b, out=c[s * m:(s + 1) * m])     # shard s's rows
     main.wait_stream(ws.side)
+    _ag_barrier[(1,)](*leave, WORLD=W, num_warps=1)     # after every pull: peers may reuse their buffer
     return (A if return_a else A.new_empty(0)), outs
