@@ -178,12 +178,6 @@ def _measure_key(key: measured.Key, group_name: str, only, t0: float) -> dict:
             times[c] = math.inf
             log.warning("tdist: %s: candidate %s not timed (%s)", key.id(), c, why or "failed on another rank")
             continue
-        if c == "unfused" and key.op == "all_reduce_rmsnorm":
-            # Inductor runs NCCL + its own fused add+norm kernel; time only the NCCL all-reduce,
-            # a lower bound of that, so a fused kernel must beat more than what Inductor runs
-            from tdcompile.ops import reference
-            times[c] = graph_us(lambda: reference.all_reduce(args[0], group_name))
-            continue
         times[c] = graph_us(lambda: _call(key, c, args, group_name))
     log.info("tdist: measured %s in %.1f s: %s", key.id(), time.perf_counter() - t0,
              {c: round(t, 1) for c, t in times.items()})

@@ -306,9 +306,10 @@ def _all_reduce_rmsnorm_cuda(x: torch.Tensor, residual: torch.Tensor, weight: to
 
 def _nccl_all_reduce_rmsnorm(x, residual, weight, eps: float, group_name: str):
     """``unfused`` on CUDA, as Inductor runs it: NCCL, then ONE add + RMSNorm kernel
-    (``kernels/add_rmsnorm.py``; the reference's eager norm is ~8 kernels). NCCL reduces a copy
-    of ``x`` (the op's input), where Inductor reuses the GEMM's buffer: ~1 us at 1.3 MB, in
-    favour of the fused candidates. The reference where that kernel cannot run."""
+    (``kernels/add_rmsnorm.py``; the reference's eager norm is ~8 kernels). It is the baseline the
+    fused candidates are measured against. NCCL reduces a copy of ``x`` (the op's input), where
+    Inductor reuses the GEMM's buffer: ~1 us at 1.3 MB, in favour of the fused candidates. The
+    reference where that kernel cannot run."""
     reduced = ref.all_reduce(x, group_name)
     try:
         from tdcompile.kernels import add_rmsnorm as k
