@@ -24,6 +24,7 @@ a GPU it is None (no caching), since the pass agrees its decisions with the othe
 from __future__ import annotations
 
 import itertools
+import math
 import logging
 import os
 from typing import Optional
@@ -184,14 +185,17 @@ def _graph_matches(graph: fx.Graph) -> list:
             + find_all_reduce_matches(graph))
 
 
-def measured_sequence_parallel(graph: fx.Graph, opts: Options, decide) -> Decision:
+def measured_sequence_parallel(graph: fx.Graph, opts: Options, decide, gemm_us=None) -> Decision:
     """Sequence parallel on a GPU under ``auto``: only when the measured table says so.
 
     Both forms of the graph are costed from the table: every match's time under its decided
     impl, summed, for the graph as it is and after the sequence-parallel rewrite (on a copy).
-    A match not in the table makes the comparison impossible: all_reduce stays. The rest of
-    the graph (row-local ops on 1/W of the rows under SP) is not counted, which only favours
-    keeping all_reduce."""
+    An all_gather_gemm of the SP form also holds GEMMs (q/k/v, gate/up) that the other form runs
+    outside any match, so their time alone (``gemm_us(match, may_measure)``: the measured ``gemm``
+    key, cuBLAS without the gather) is taken off: what is compared is the communication each form
+    adds. A match (or such a GEMM) not in the table makes the comparison impossible: all_reduce
+    stays. The rest of the graph (row-local ops on 1/W of the rows under SP) is not counted,
+    which only favours keeping all_reduce."""
     import copy
     import dataclasses
 
@@ -202,6 +206,8 @@ def measured_sequence_parallel(graph: fx.Graph, opts: Options, decide) -> Decisi
     if possible.choice != "sequence_parallel":
         return possible
 
+    gemm_us = gemm_us or _measured_gemm_us
+
     def total(g, may_measure):
         t = 0.0
         for m in _graph_matches(g):
@@ -209,6 +215,11 @@ def measured_sequence_parallel(graph: fx.Graph, opts: Options, decide) -> Decisi
             if d.choice not in d.decision.candidates_us:
                 return None, m
             t += d.decision.candidates_us[d.choice]
+            if m.pattern == "all_gather_gemm":      # its GEMMs: outside every match of the other form
+                alone = gemm_us(m, may_measure)
+                if alone is None:
+                    return None, m
+                t -= alone
         return t, None
 
     base, miss = total(graph, True)
@@ -225,13 +236,33 @@ def measured_sequence_parallel(graph: fx.Graph, opts: Options, decide) -> Decisi
     if sp_t is None:
         m = sp_miss
         return Decision("all_reduce", {}, f"sequence parallel not measured ({m.pattern} M,N,K={m.mnk()} is not in the "
-                                          "measured table; `tdcompile calibrate --sp` measures it): keeping all_reduce")
+                                          "measured table, or its GEMM alone; `tdcompile calibrate --sp` measures "
+                                          "them): keeping all_reduce")
     times = {"all_reduce": round(base, 1), "sequence_parallel": round(sp_t, 1)}
     if sp_t < base * (1 - measured.TIE):
         return Decision("sequence_parallel", times, f"measured matches {base / sp_t:.2f}x faster with sequence "
                                                     "parallel", source="measured table")
     return Decision("all_reduce", times, f"sequence parallel not measured more than {measured.TIE:.0%} faster",
                     source="measured table")
+
+
+def _measured_gemm_us(m, may_measure: bool) -> Optional[float]:
+    """Microseconds of an all_gather_gemm match's GEMM alone (the ``gemm`` key: cuBLAS, no
+    gather), agreed by every rank (a collective; inside a CUDA-graph capture the local table
+    only); None when not measured."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from tdcompile import measure
+    mm, n, k = m.mnk()
+    key = measured.Key.of("gemm", m=mm, n=n, k=k, dtype=m.dtype, world=m.world_size)
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        hit = measured.table(m.world_size).lookup(key)
+        times = hit[0] if hit is not None else None
+    else:
+        with unset_fake_temporarily(), torch.no_grad():
+            times, _ = measure.agreed(key, m.group_name, may_measure=may_measure)
+    t = (times or {}).get("unfused")
+    return t if t is not None and math.isfinite(t) else None
 
 
 def _on_gpu() -> bool:

@@ -55,7 +55,9 @@ def model_keys(config, world: int, ms: list, dtype, sp: bool = False) -> list:
             keys += [Key.of("all_gather_gemm", n=(q + 2 * kv) // world, k=H, **kw),
                      Key.of("all_gather_gemm", n=2 * inter // world, k=H, **kw),
                      Key.of("gemm_reduce_scatter", n=H, k=q // world, **kw),
-                     Key.of("gemm_reduce_scatter", n=H, k=inter // world, **kw)]
+                     Key.of("gemm_reduce_scatter", n=H, k=inter // world, **kw),
+                     Key.of("gemm", n=(q + 2 * kv) // world, k=H, **kw),         # the AG-GEMMs' GEMMs alone
+                     Key.of("gemm", n=2 * inter // world, k=H, **kw)]
     return sorted(set(keys), key=lambda k: k.id())
 
 

@@ -37,6 +37,7 @@ CANDIDATES = {
     "all_reduce_rmsnorm": ["unfused", "fused:one_shot", "fused:two_shot", "fused:lamport", "fused:lamport2"],
     "all_gather_gemm": ["unfused", "fused", "symm_mem", "fused:ce"],
     "gemm_reduce_scatter": ["unfused", "fused", "symm_mem"],
+    "gemm": ["unfused"],
 }
 """Candidate impls per op: a static list, the same on every rank (the order of the agreed vector).
 A new kernel joins only with its GPU tests: a candidate the shipped tables lack makes every first
@@ -44,7 +45,8 @@ call of a shape re-measure it (``scripts/gpu_session.sh`` runs a new kernel's si
 first and, if they fail, leaves it out with ``TDCOMPILE_SKIP_CANDIDATES``).  ``fused:lamport2``
 (``kernels/all_reduce_lamport2.py``, two-shot Lamport: 10.7 us vs 13.1 for ``two_shot`` at 128x5120
 on 4xH200) joined once its tests passed (2026-11-27, after the ``tiles.preload`` fix); the session
-script still gates it on its simulated-rank and real-process tests."""
+script still gates it on its simulated-rank and real-process tests.  ``gemm`` (cuBLAS alone, no collective) is measured so that
+``backend.measured_sequence_parallel`` can tell an all_gather_gemm's gather from its GEMMs."""
 
 
 def candidates(op: str) -> list:
@@ -79,6 +81,8 @@ def _inputs(key: measured.Key, rank: int) -> tuple:
 
 def _call(key: measured.Key, impl: str, args: tuple, group_name: str):
     td = torch.ops.tdist
+    if key.op == "gemm":             # cuBLAS alone: what an all_gather_gemm's GEMMs cost without the gather
+        return torch.mm(args[0], args[1])
     if key.op == "all_reduce":
         return td.all_reduce(args[0], group_name, impl)
     if key.op == "all_reduce_rmsnorm":
@@ -168,7 +172,7 @@ def _measure_key(key: measured.Key, group_name: str, only, t0: float) -> dict:
             out = _call(key, c, args, group_name)
             torch.cuda.synchronize()
             opc.check_errors(sync=False)
-            if opc.RAN[(key.op, family(c))] < before + 2:
+            if key.op != "gemm" and opc.RAN[(key.op, family(c))] < before + 2:
                 ok, why = False, "fell back to unfused"
             elif not _close(out, expected):
                 ok, why = False, "result differs from unfused"

@@ -220,6 +220,14 @@ def test_an_all_reduce_claimed_twice_goes_to_the_decision_that_saves_more():
     assert rms.choice == "unfused" and "goes to gemm_all_reduce (fused:one_shot): which saves more" in rms.reason
 
 
+def _sp_toy_gathered(x, w1, w2):                                # x [M, K]: an MLP-like block
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+    h = funcol.all_reduce(torch.mm(x, w1), "sum", dist.group.WORLD)          # [M, 16]; under SP: RS, AG -> mm
+    u = torch.relu(torch.mm(h, w2))                                          # [M, 32] column-parallel
+    return funcol.all_reduce(torch.mm(u, w1), "sum", dist.group.WORLD)       # [M, 16] row-parallel
+
+
 def _sp_toy(x, w1, w2):                                          # x [M, K]
     import torch.distributed as dist
     import torch.distributed._functional_collectives as funcol
@@ -227,8 +235,9 @@ def _sp_toy(x, w1, w2):                                          # x [M, K]
     return funcol.all_reduce(torch.mm(torch.relu(h), w2), "sum", dist.group.WORLD)
 
 
-def _sp_decision(times_of):
-    """measured_sequence_parallel on the toy graph, with a table given by ``times_of(pattern, mnk)``."""
+def _sp_decision(times_of, gemm_of=lambda mnk: 0.0, toy=None):
+    """measured_sequence_parallel on the toy graph, with a table given by ``times_of(pattern, mnk)``
+    and an all_gather_gemm's GEMM alone by ``gemm_of(mnk)`` (None: not measured)."""
     from torch.fx.experimental.proxy_tensor import make_fx
     from tdcompile.backend import measured_sequence_parallel
     from tdcompile.config import Options
@@ -240,8 +249,9 @@ def _sp_decision(times_of):
         if t is None:
             return Decided(m, Decision("auto", {}, "not measured"))
         return Decided(m, Decision(measured.choose(t)[0], t, "", "cached"))
-    gm = make_fx(_sp_toy, tracing_mode="fake")(torch.randn(64, 32), torch.randn(32, 16), torch.randn(16, 32))
-    return measured_sequence_parallel(gm.graph, Options(strategy="auto"), decide)
+    gm = make_fx(toy or _sp_toy, tracing_mode="fake")(torch.randn(64, 32), torch.randn(32, 16), torch.randn(16, 32))
+    return measured_sequence_parallel(gm.graph, Options(strategy="auto"), decide,
+                                      gemm_us=lambda m, may_measure: gemm_of(m.mnk()))
 
 
 def test_on_a_gpu_sequence_parallel_needs_every_match_of_both_forms_measured(fake_pg):
@@ -254,6 +264,28 @@ def test_on_a_gpu_sequence_parallel_is_chosen_only_when_measured_faster(fake_pg,
     # the all_reduce form: 2 gemm_all_reduce at 10 us; the SP form: every match at sp_us
     d = _sp_decision(lambda p, mnk: {"unfused": 10.0} if p == "gemm_all_reduce" else {"unfused": sp_us})
     assert d.choice == expected and d.candidates_us["all_reduce"] == 20.0
+
+
+def test_sequence_parallel_is_costed_by_the_communication_each_form_adds(fake_pg):
+    """An all_gather_gemm holds a GEMM that the all_reduce form runs outside any match: its time
+    alone is taken off the SP form's sum. Without that, SP (here 5 us of gather on a 40 us GEMM)
+    could never win; with it, it wins; a GEMM not measured alone keeps all_reduce."""
+    def times_of(p, mnk):
+        if p == "gemm_all_reduce":
+            return {"unfused": 10.0}                  # the all_reduce form: 2 x 10 us
+        return {"unfused": 45.0} if p == "all_gather_gemm" else {"unfused": 5.0}
+    kinds = []
+
+    def gemm_of(mnk):
+        kinds.append(mnk)
+        return 40.0
+
+    d = _sp_decision(times_of, gemm_of, _sp_toy_gathered)
+    assert kinds and d.choice == "sequence_parallel", d.reason      # SP sum: (45 - 40) + the rest
+    assert d.candidates_us["sequence_parallel"] < d.candidates_us["all_reduce"] == 20.0
+    assert _sp_decision(times_of, lambda mnk: 0.0, _sp_toy_gathered).choice == "all_reduce"   # GEMM counted twice
+    missing = _sp_decision(times_of, lambda mnk: None, _sp_toy_gathered)
+    assert missing.choice == "all_reduce" and "GEMM alone" in missing.reason
 
 
 def test_skipped_candidates_are_not_measured_but_unfused_always_is(monkeypatch):
