@@ -36,7 +36,7 @@ CANDIDATES = {
                         "fused:pipe2_nccl", "fused:pipe4_nccl", "fused:ce2", "fused:ce4"],
     "all_reduce_rmsnorm": ["unfused", "fused:one_shot", "fused:two_shot", "fused:lamport", "fused:lamport2"],
     "all_gather_gemm": ["unfused", "fused", "symm_mem", "fused:ce"],
-    "gemm_reduce_scatter": ["unfused", "fused", "symm_mem"],
+    "gemm_reduce_scatter": ["unfused", "fused", "symm_mem", "fused:ce"],
     "gemm": ["unfused"],
 }
 """Candidate impls per op: a static list, the same on every rank (the order of the agreed vector).

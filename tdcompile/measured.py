@@ -86,6 +86,9 @@ def impl_files(op: str, impl: str) -> list[str]:
         return base + ["kernels/all_reduce_lamport.py", "kernels/all_reduce_lamport2.py"] + extra
     if var.startswith("pipe"):
         return base + ["ops/overlap.py", "kernels/all_reduce.py"]
+    if var.startswith("ce") and op == "gemm_reduce_scatter":
+        return base + ["kernels/gemm_reduce_scatter_ce.py", "kernels/gemm_all_reduce_ce.py", "kernels/all_gather_gemm.py",
+                       "kernels/tiles.py"]
     if var.startswith("ce") and op == "all_gather_gemm":
         return base + ["kernels/all_gather_gemm_ce.py", "kernels/all_gather_gemm.py", "kernels/tiles.py"]
     if var.startswith("ce"):

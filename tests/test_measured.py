@@ -345,6 +345,7 @@ def test_each_candidate_is_keyed_by_the_files_that_implement_it():
     assert "ops/overlap.py" in files("gemm_all_reduce", "fused:pipe4_nccl")
     assert "kernels/gemm_all_reduce_ce.py" in files("gemm_all_reduce", "fused:ce4")
     assert "kernels/all_gather_gemm_ce.py" in files("all_gather_gemm", "fused:ce")
+    assert "kernels/gemm_reduce_scatter_ce.py" in files("gemm_reduce_scatter", "fused:ce")
     assert "kernels/gemm_all_reduce_ce.py" not in files("all_gather_gemm", "fused:ce")
     assert "kernels/gemm_reduce_scatter.py" in files("gemm_reduce_scatter", "fused")
     assert files("all_gather_gemm", "symm_mem") == ["ops/symm_mem.py"]

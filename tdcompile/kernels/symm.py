@@ -28,7 +28,8 @@ log = logging.getLogger("tdcompile.ops")
 
 OPS = ("all_reduce", "gemm_all_reduce", "all_gather_gemm", "gemm_reduce_scatter", "all_reduce_rmsnorm")
 PAD_SLOTS = 256          # blocks per barrier channel
-PAD_CHANNELS = 6         # 0,1: all_reduce; 2,3: all_gather_gemm entry/exit; 4,5: gemm_all_reduce_ce ready/reduced
+PAD_CHANNELS = 8         # 0,1: all_reduce; 2,3: all_gather_gemm entry/exit; 4,5: gemm_all_reduce_ce ready/reduced;
+                         # 6,7: gemm_reduce_scatter_ce prev/pushed
 MAX_WORLD = 8
 
 

@@ -256,11 +256,17 @@ def _gemm_reduce_scatter_cuda(a: torch.Tensor, b: torch.Tensor, bias: Optional[t
     impl = resolve("gemm_reduce_scatter", impl, group_name, m=a.shape[0], n=b.shape[1], k=a.shape[1], dtype=a.dtype)
 
     def fused(ws):
+        if variant(impl) == "ce":       # cuBLAS per destination, partials pushed by the copy engine
+            from tdcompile.kernels.gemm_reduce_scatter_ce import gemm_reduce_scatter_ce
+            return gemm_reduce_scatter_ce(ws, a, b, bias)
         from tdcompile.kernels.gemm_reduce_scatter import gemm_reduce_scatter
         return gemm_reduce_scatter(ws, a, b, bias)
 
     def check_fused():
-        from tdcompile.kernels.gemm_reduce_scatter import unsupported_reason
+        if variant(impl) == "ce":
+            from tdcompile.kernels.gemm_reduce_scatter_ce import unsupported_reason
+        else:
+            from tdcompile.kernels.gemm_reduce_scatter import unsupported_reason
         ws = _workspace(group_name)
         return f"world_size {world_size} != group size {ws.world}" if ws.world != world_size else \
             unsupported_reason(ws, a, b, bias)

@@ -22,7 +22,7 @@ IMPLS = {
     "gemm_all_reduce": ["fused", "fused:one_shot", "fused:two_shot", "symm_mem:one_shot", "symm_mem:two_shot",
                         "fused:lamport", "fused:lamport2", "fused:pipe2", "fused:pipe4", "fused:pipe2_nccl", "fused:pipe4_nccl",
                         "fused:ce2", "fused:ce4"],
-    "gemm_reduce_scatter": ["fused", "symm_mem"],
+    "gemm_reduce_scatter": ["fused", "symm_mem", "fused:ce"],
     "all_gather_gemm": ["fused", "symm_mem", "fused:ce"],
     "all_reduce_rmsnorm": ["fused:one_shot", "fused:two_shot", "fused:lamport", "fused:lamport2"],
 }
