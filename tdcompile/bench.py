@@ -34,7 +34,7 @@ from tdcompile.check import check
 from tdcompile.engine import Timer
 from tdcompile.generate import add_model_args, model_setup, positive_int
 from tdcompile.models import build_sharded
-from tdcompile.timing import measure, measure_interleaved
+from tdcompile.timing import measure, measure_bursts, measure_interleaved
 
 def versions() -> dict:
     import transformers
@@ -168,6 +168,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default=None,
                    help="comma-separated columns (e.g. tdist,bound) to trace after timing each row: 3 calls under "
                         "torch.profiler per rank, a Chrome trace next to the JSON and the top kernels in the log")
+    p.add_argument("--bursts", type=int, default=None,
+                   help="graphed rows: also time this many back-to-back calls without a host sync in between "
+                        "(JSON 'burst_ms'; default 20 on a GPU, 0 = off)")
     p.add_argument("--timed-ms", type=float, default=None,
                    help=f"least timed time per column of a row; default {timing.TIMED_MS:.0f} on a GPU, 0 on a CPU "
                         "(--iters calls only)")
@@ -259,16 +262,20 @@ def bench_main(args) -> dict:
              "async-TP) / tdist",
              "ops_by_column: per row and column, the tdist op implementations that column's code runs "
              "(seen while it compiled, captured and warmed up; auto's measurements while compiling excluded); "
-             "tdist_ops_ran: the same for the tdist column; empty = the tdist column ran Inductor's own code"]
+             "tdist_ops_ran: the same for the tdist column; empty = the tdist column ran Inductor's own code",
+             "burst_ms: graphed rows, ms per call of back-to-back calls with no host sync in between "
+             "(timing.measure_bursts): without the per-call start skew across ranks that the main columns pay"]
 
     ran = dict(prior.get("tdist_ops_ran", {}))
     by_column = dict(prior.get("ops_by_column", {}))
     traced: dict = {}
+    burst: dict = dict(prior.get("burst_ms", {}))
+    n_burst = args.bursts if args.bursts is not None else (20 if device.type == "cuda" else 0)
 
     def save(done: list) -> dict:  # after every row / column, so a run cut short keeps what it measured
         tab = table(results, rows, done)
         res = {**meta, "large_batch": large, "iters": args.iters, "columns": done, "rows": tab,
-               "tdist_ops_ran": ran, "ops_by_column": by_column, "traces": traced,
+               "tdist_ops_ran": ran, "ops_by_column": by_column, "traces": traced, "burst_ms": burst,
                "inference": ctx["infer"], "errors": errors, "notes": notes, "complete": all(c in done for c in avail)}
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
@@ -336,11 +343,16 @@ def bench_main(args) -> dict:
                 except Exception as e:  # noqa: BLE001
                     errors[f"{row.name} / {column}"] = f"{type(e).__name__}: {str(e)[:300]}"
                     cell(row, column, "error")
+            def after(runs, row=row):
+                if args.trace:
+                    traced.update(trace_row(runs, row, args.trace.split(","), stem, rank, say))
+                if n_burst and runs and all(cases[c][2] for c in runs):      # graphed rows only
+                    b = measure_bursts(runs, ctx["timer"], n_burst)
+                    burst[row.name] = {c: round(v, 4) for c, v in b.items()}
+                    say(f"[bench] back to back ({n_burst} calls) {row.name}: "
+                        + ", ".join(f"{c} {v:.4f}" for c, v in burst[row.name].items()) + " ms", flush=True)
             try:
-                timed = measure_interleaved(
-                    cases, ctx["timer"], args.iters, prepared=prepared,
-                    after_timing=(lambda runs, row=row: traced.update(
-                        trace_row(runs, row, args.trace.split(","), stem, rank, say))) if args.trace else None)
+                timed = measure_interleaved(cases, ctx["timer"], args.iters, prepared=prepared, after_timing=after)
                 for column, ms in timed.items():
                     cell(row, column, ms)
             except Exception as e:  # noqa: BLE001

@@ -86,6 +86,31 @@ def measure_interleaved(cases: dict, timer: Timer, iters: int, after_timing=None
     return {c: measure_values(t, device) for c, t in times.items()}
 
 
+def measure_bursts(runs: dict, timer: Timer, calls: int, bursts: int = 5) -> dict:
+    """``{column: ms per call}`` of ``runs = {column: (fn, rewind)}`` called ``calls`` times back
+    to back with no host sync in between: the median over ``bursts`` bursts (columns shuffled per
+    burst, as ``round_order``), the max over ranks.
+
+    Why: ``measure_interleaved`` syncs the host after every call, so the ranks start each call
+    apart and the first collective of the step absorbs the difference. On 4xH200 that was 140-240
+    us on a 2.5 ms decode step (benchmarks/results/trace-summary-h200-tp4-*), paid by every column
+    with a collective, which hides kernel gains. A burst pays it once per ``calls`` calls, like
+    an engine that keeps the next step's inputs on the GPU; ``rewind`` (GPU work) runs between
+    calls as it does there. Ranks agree on a host collective before each burst."""
+    device = torch.device("cuda" if timer.cuda else "cpu")
+    times = {c: [] for c in runs}
+    for k in range(bursts):
+        for c in round_order(list(runs), 1000 + k):
+            fn, rewind = runs[c]
+            _agreed_int(k, timer)                     # start each burst together
+            a = timer.mark()
+            for _ in range(calls):
+                rewind()
+                fn()
+            times[c].append(timer.ms(a, timer.mark()) / calls)
+    return {c: measure_values(t, device) for c, t in times.items()}
+
+
 def measure(fn, timer: Timer, iters: int, graph: bool, rewind=None) -> float:
     """Median ms of one case (see ``measure_interleaved``)."""
     return measure_interleaved({"_": (fn, rewind, graph)}, timer, iters)["_"]

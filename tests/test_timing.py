@@ -77,3 +77,24 @@ def test_a_fast_row_gets_timed_ms_worth_of_calls(fast, monkeypatch):
     timing.measure_interleaved({"a": column(log, "a", 1)}, Timer(torch.device("cpu")), iters=4,
                                prepared=lambda c: log.append("P" + c))
     assert len(timed_part(log)) == 8                                    # capped
+
+
+def test_bursts_time_back_to_back_calls_per_call():
+    """``measure_bursts``: each burst runs one column ``calls`` times back to back (rewind before
+    every call, no sync in between), columns shuffled per burst; the result is ms per call."""
+    log = []
+
+    def col(name, ms):
+        def fn():
+            log.append(name)
+            time.sleep(ms / 1e3)
+        return fn, (lambda: log.append("r" + name))
+
+    runs = {"a": col("a", 2), "b": col("b", 4)}
+    out = timing.measure_bursts(runs, Timer(torch.device("cpu")), calls=5, bursts=3)
+    assert set(out) == {"a", "b"}
+    assert 1.8 <= out["a"] < out["b"] and 3.6 <= out["b"] < 8          # per call, not per burst
+    assert log.count("a") == log.count("b") == 15 and log.count("ra") == 15
+    bursts = [log[i:i + 10] for i in range(0, 60, 10)]                 # one column's 5 calls each
+    assert all(len({x.lstrip("r") for x in burst}) == 1 for burst in bursts)
+    assert [b[1] for b in bursts[:2]] == timing.round_order(["a", "b"], 1000)
