@@ -23,9 +23,10 @@ a GPU it is None (no caching), since the pass agrees its decisions with the othe
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import math
 import logging
+import math
 import os
 from typing import Optional
 
@@ -111,7 +112,14 @@ class TdistPass(CustomGraphPass):
                                             "Inductor's own code, so it is not left to a run-time choice")
             return Decided(m, d, graph_id=gid)
 
-        if on_gpu and opts.strategy == "auto":
+        if opts.sequence_parallel == "never" or opts.strategy == "unfused":
+            sp = Decision("all_reduce", {}, f"sequence_parallel={opts.sequence_parallel!r}, "
+                                            f"strategy={opts.strategy!r}")
+        elif opts.sequence_parallel == "always":      # the form forced; each match decided by strategy
+            sp = sequence_parallel.decide(graph, dataclasses.replace(opts, strategy="sequence_parallel"), None)
+            if sp.choice == "sequence_parallel":
+                sp = Decision(sp.choice, {}, "sequence_parallel='always'")
+        elif on_gpu and opts.strategy == "auto":
             sp = measured_sequence_parallel(graph, opts, decide)
         else:
             sp = sequence_parallel.decide(graph, opts, self.profile)
@@ -197,7 +205,6 @@ def measured_sequence_parallel(graph: fx.Graph, opts: Options, decide, gemm_us=N
     stays. The rest of the graph (row-local ops on 1/W of the rows under SP) is not counted,
     which only favours keeping all_reduce."""
     import copy
-    import dataclasses
 
     try:
         possible = sequence_parallel.decide(graph, dataclasses.replace(opts, strategy="sequence_parallel"), None)

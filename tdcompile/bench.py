@@ -154,7 +154,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--infer-runs", type=int, default=3, help="timed generate() runs of the inference row (default 3)")
     p.add_argument("--columns", default=",".join(COLUMNS),
                    help="comma-separated columns: eager, inductor, async_tp, bound, tdist, inductor_again (Inductor "
-                        "compiled twice: the noise of this run), or tdist:<strategy> "
+                        "compiled twice: the noise of this run), tdist:sp (the sequence-parallel form forced, "
+                        "each match decided as in tdist), or tdist:<strategy> "
                         f"to force one (default {','.join(COLUMNS)})")
     p.add_argument("--cases", default=None, help="comma-separated substrings (or '=name' for an exact name); "
                                                  "keep only matching cases")

@@ -85,6 +85,8 @@ def compiler(column: str, args):
         return "tdist", tdist_options(args)
     if column == "bound":   # every collective -> a no-op of the same shape: timing only
         return "tdist", {**tdist_options(args), "strategy": "bound"}
+    if column == "tdist:sp":          # the sequence-parallel form forced, every match decided as tdist's
+        return "tdist", {**tdist_options(args), "sequence_parallel": "always"}
     if column.startswith("tdist:"):   # one strategy forced, e.g. "tdist:sequence_parallel"
         return "tdist", {**tdist_options(args), "strategy": column.split(":", 1)[1]}
     if column == "async_tp":

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Optional
 FAMILIES = ("unfused", "fused", "symm_mem")
 """Implementation families of a ``tdist`` op (see the module docstring)."""
 STRATEGIES = ("auto", *FAMILIES, "sequence_parallel", "bound")
+SP_CHOICES = ("auto", "always", "never")
 """Values of ``Options.strategy``."""
 
 
@@ -69,6 +70,13 @@ class Options:
     """Sequence parallel needs at least this many rows (tokens) per graph; smaller graphs
     (decode of a few tokens) keep all_reduce. 0 = no limit."""
 
+    sequence_parallel: str = "auto"
+    """Whether a graph's all_reduce regions become reduce_scatter ... all_gather (the form, apart
+    from how each match then runs): ``"auto"`` -- by measurement on a GPU, by the analytic model
+    without one, always under ``strategy="sequence_parallel"``; ``"always"`` -- wherever possible,
+    each match still decided by ``strategy`` (e.g. ``auto``: measured); ``"never"``. Ignored by
+    ``strategy="unfused"`` (nothing is rewritten) and ``"bound"``."""
+
     @staticmethod
     def from_mapping(options: Optional[Mapping[str, Any]]) -> "Options":
         """Validate ``options`` (the dict given to ``torch.compile``) and build ``Options``."""
@@ -89,6 +97,9 @@ class Options:
                 raise TypeError(f"tdist: option {name!r} must be a path string or None, got {o[name]!r}")
             if o.get(name) is not None:
                 o[name] = os.fspath(o[name])
+        if o.get("sequence_parallel", "auto") not in SP_CHOICES:
+            raise ValueError(f"tdist: option 'sequence_parallel' must be one of {SP_CHOICES}, "
+                             f"got {o.get('sequence_parallel')!r}")
         rows = o.get("min_sp_rows", 0)
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
             raise ValueError(f"tdist: option 'min_sp_rows' must be an int >= 0, got {rows!r}")

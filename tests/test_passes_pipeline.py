@@ -35,13 +35,16 @@ def test_unknown_option_is_rejected_with_the_list_of_valid_options():
         Options.from_mapping({"strategy": "fused", "fuse_everything": True})
     msg = str(e.value)
     assert "fuse_everything" in msg
-    for key in ("strategy", "dump_dir", "profile", "min_sp_rows"):
+    for key in ("strategy", "dump_dir", "profile", "min_sp_rows", "sequence_parallel"):
         assert key in msg
 
 
 def test_unknown_strategy_is_rejected():
     with pytest.raises(ValueError, match="strategy.* must be one of"):
         Options.from_mapping({"strategy": "fastest"})
+    with pytest.raises(ValueError, match="sequence_parallel.* must be one of"):
+        Options.from_mapping({"sequence_parallel": True})
+    assert Options.from_mapping({"sequence_parallel": "always"}).sequence_parallel == "always"
 
 
 def test_torch_compile_with_an_unknown_option_fails_and_names_it(fake_pg):

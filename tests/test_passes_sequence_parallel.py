@@ -112,6 +112,21 @@ def test_sequence_parallel_is_not_applied_by_auto_without_a_profile(fake_pg):
     assert after["c10d.all_reduce"] == 2 and not after["c10d.reduce_scatter_tensor"]
 
 
+def test_the_sequence_parallel_option_forces_the_form_and_leaves_each_match_to_the_strategy(fake_pg):
+    """``sequence_parallel="always"``: the form is rewritten, and each match is then decided by
+    ``strategy`` (auto with no GPU and no profile: unfused collectives); ``"never"`` keeps
+    all_reduce even under ``strategy="sequence_parallel"``'s kernels."""
+    _, after, report, _ = _sp(B, S, strategy="auto", sequence_parallel="always")
+    assert after["c10d.all_reduce"] == 0 and after["c10d.reduce_scatter_tensor"] == 2
+    assert not tdist_ops(after)                                        # no match fused: auto kept them
+    assert any("sequence_parallel='always'" in d.reason for _, d in report.graph_decisions)
+    _, after, _, _ = _sp(B, S, strategy="fused", sequence_parallel="always")
+    assert after["tdist.gemm_reduce_scatter"] == 2 and after["tdist.all_gather_gemm"] == 1
+    _, after, _, _ = _sp(B, S, strategy="fused", sequence_parallel="never")
+    assert after["c10d.reduce_scatter_tensor"] == 0 and "tdist.gemm_reduce_scatter" not in after
+    assert sum(tdist_ops(after).values()) == 2 and after["c10d.all_reduce"] == 0   # both all_reduces fused as such
+
+
 def test_sequence_parallel_prediction_counts_the_same_gemms_on_both_sides(fake_pg):
     import dataclasses
 
