@@ -257,17 +257,9 @@ def _measured_gemm_us(m, may_measure: bool) -> Optional[float]:
     """Microseconds of an all_gather_gemm match's GEMM alone (the ``gemm`` key: cuBLAS, no
     gather), agreed by every rank (a collective; inside a CUDA-graph capture the local table
     only); None when not measured."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    from tdcompile import measure
     mm, n, k = m.mnk()
-    key = measured.Key.of("gemm", m=mm, n=n, k=k, dtype=m.dtype, world=m.world_size)
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        hit = measured.table(m.world_size).lookup(key)
-        times = hit[0] if hit is not None else None
-    else:
-        with unset_fake_temporarily(), torch.no_grad():
-            times, _ = measure.agreed(key, m.group_name, may_measure=may_measure)
+    times, _, _ = _agreed_times(measured.Key.of("gemm", m=mm, n=n, k=k, dtype=m.dtype, world=m.world_size),
+                                m, may_measure)
     t = (times or {}).get("unfused")
     return t if t is not None and math.isfinite(t) else None
 
@@ -293,24 +285,31 @@ def decide_measured(m, may_measure: bool = True) -> Decision:
     Every rank runs this pass because ``TdistPass.uuid()`` keeps such compiles out of Inductor's
     caches (a rank served from a cache would skip the collective the others wait in). Inside a
     CUDA-graph capture no collective can run: the local table decides, and a miss stays unfused."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     from tdcompile import measure
     mm, n, k = m.mnk()
     key = measured.Key.of(m.pattern, m=mm, n=n, k=k, dtype=m.dtype, world=m.world_size)
     cands = measure.candidates(m.pattern)
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if capturing:
-        hit = measured.table(m.world_size).lookup(key)
-        times, source = (hit[0], hit[1]) if hit is not None else (None, "")
-    else:
-        with unset_fake_temporarily(), torch.no_grad():       # real tensors, even inside Inductor's tracing
-            times, source = measure.agreed(key, m.group_name, may_measure=may_measure)
+    times, source, capturing = _agreed_times(key, m, may_measure)
     if times is None or "unfused" not in times:
         why = "first compiled inside a CUDA-graph capture" if capturing else "not measured for this costing"
         return Decision("unfused", {}, f"{key.id()} is not in the measured table ({why}): keeping Inductor's code")
     choice, why = measured.choose({c: t for c, t in times.items() if c in cands or c == "unfused"}, key.m)
     return Decision(choice, {c: round(t, 1) for c, t in times.items()}, why, source=source)
+
+
+def _agreed_times(key: measured.Key, m, may_measure: bool) -> tuple:
+    """``(times, source, capturing)`` of ``key`` for match ``m``: agreed by every rank and measured
+    if missing or stale (a collective; ``may_measure=False``: look up only), or, inside a
+    CUDA-graph capture where no collective can run, the local table's entry (None on a miss)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from tdcompile import measure
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        hit = measured.table(m.world_size).lookup(key)
+        return (hit[0], hit[1], True) if hit is not None else (None, "", True)
+    with unset_fake_temporarily(), torch.no_grad():       # real tensors, even inside Inductor's tracing
+        times, source = measure.agreed(key, m.group_name, may_measure=may_measure)
+    return times, source, False
 
 
 def _gain(d: Decided) -> float:
