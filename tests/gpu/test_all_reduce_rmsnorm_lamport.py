@@ -6,36 +6,20 @@ inputs, -0.0 read as +0.0), so ``new_residual`` is compared bit for bit with
 ``residual + sum``; ``normed`` within a few ulps (reduction order of the mean, rsqrt), as in
 test_all_reduce_kernels.py.  Calls interleave with plain Lamport all-reduces: both share the
 slots and the control entries.  Offline PTX check: ``pytest --noconftest -m gpu -k ptx <file>``."""
-import random
-
 import pytest
 import torch
-from sim_ranks import poison, world  # noqa: E402  (tests/gpu helper)
-
-EPS = 1e-6
-
-
-def ref(xs, residual, weight, dtype):
-    acc = xs[0].float()
-    for x in xs[1:]:
-        acc = acc + x.float()
-    nr = residual + acc.to(dtype)                                   # HF: residual add in dtype
-    h = nr.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
-    return weight * h.to(dtype), nr
+from rms_cases import graph_replays, interleaved, peer_never_arrives  # noqa: E402  (tests/gpu helpers)
+from sim_ranks import world  # noqa: E402
 
 
-def _calls(ws, plan):
-    """Per-rank generator: ``plan`` = [("rms", x, res, w) | ("ar", x)], back to back."""
-    from tdcompile.kernels.all_reduce_lamport import all_reduce_lamport
+def _rms(ws, x, residual, weight, eps):
     from tdcompile.kernels.all_reduce_rmsnorm_lamport import all_reduce_rmsnorm_lamport
-    got = []
-    for item in plan:
-        if item[0] == "rms":
-            got.append((yield from all_reduce_rmsnorm_lamport(ws, item[1], item[2], item[3], EPS)))
-        else:
-            got.append((yield from all_reduce_lamport(ws, item[1])))
-    return got
+    return all_reduce_rmsnorm_lamport(ws, x, residual, weight, eps)
+
+
+def _ar(ws, x):
+    from tdcompile.kernels.all_reduce_lamport import all_reduce_lamport
+    return all_reduce_lamport(ws, x)
 
 
 @pytest.mark.gpu
@@ -65,83 +49,15 @@ def test_ptx_128bit_and_bounded(W):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("W", [2, 4])
 def test_interleaved_with_plain_lamport_calls(W, dtype):
-    sim = world(W)
-    rnd = random.Random(W + 7 * (dtype == torch.float16))
-    plan_shapes = [("rms", (rnd.choice([1, 3, 128, 77]), rnd.choice([5120, 1000, 64, 4096, 333]))) if rnd.random() < 0.6
-                   else ("ar", (rnd.randint(1, 200), rnd.choice([7, 5120]))) for _ in range(24)]
-    inputs = []
-    for i, (kind, shape) in enumerate(plan_shapes):
-        g = torch.Generator(device="cuda").manual_seed(100 + i)
-        xs = [(torch.randn(shape, device="cuda", generator=g) * (r + 1)).to(dtype) for r in range(W)]
-        if kind == "rms":
-            res = torch.randn(shape, device="cuda", generator=g).to(dtype)
-            w = (1 + 0.1 * torch.randn(shape[-1], device="cuda", generator=g)).to(dtype)
-            inputs.append((kind, xs, res, w))
-        else:
-            inputs.append((kind, xs))
-    # load both kernels' variants first (no module load while a simulated peer spins)
-    for i, item in enumerate(inputs):
-        plan = [("rms", item[1][r], item[2], item[3]) if item[0] == "rms" else ("ar", item[1][r]) for r in range(W)]
-        sim.run(lambda ws, it: _calls(ws, [it]), [(plan[r],) for r in range(W)])
-        sim.check()
-    plans = [[("rms", it[1][r], it[2], it[3]) if it[0] == "rms" else ("ar", it[1][r]) for it in inputs]
-             for r in range(W)]
-    got = sim.run(lambda ws, plan: _calls(ws, plan), [(plans[r],) for r in range(W)])
-    sim.check()
-    for i, it in enumerate(inputs):
-        for r in range(W):
-            if it[0] == "rms":
-                normed, new_res = got[r][i]
-                want_n, want_r = ref(it[1], it[2], it[3], dtype)
-                assert torch.equal(new_res, want_r), (i, r, "residual")
-                tol = 1.6e-2 if dtype == torch.bfloat16 else 2e-3
-                torch.testing.assert_close(normed.float(), want_n.float(), rtol=tol, atol=tol)
-            else:
-                acc = it[1][0].float()
-                for x in it[1][1:]:
-                    acc = acc + x.float()
-                assert torch.equal(got[r][i], acc.to(dtype)), (i, r, "all_reduce")
+    interleaved(world(W), W, dtype, _rms, _ar, seed=0, per_rank_residual=False)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("W", [2, 4])
 def test_cuda_graph_replays(W):
-    sim = world(W)
-    dtype, shape = torch.bfloat16, (128, 5120)
-    xs = [torch.randn(shape, device="cuda").to(dtype) * (r + 1) for r in range(W)]
-    res = torch.randn(shape, device="cuda").to(dtype)
-    w = (1 + 0.1 * torch.randn(shape[-1], device="cuda")).to(dtype)
-    outs = [None] * W
-
-    def body():     # 2 calls per replay: the slot rotation shifts from replay to replay
-        got = sim.run(lambda ws, x: _calls(ws, [("rms", x, res, w), ("rms", x, res, w)]), [(xs[r],) for r in range(W)])
-        for r in range(W):
-            outs[r] = got[r][1]
-
-    body()
-    sim.check()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        body()
-    want_n, want_r = ref(xs, res, w, dtype)
-    for _ in range(10):
-        for o in outs:
-            poison(o[0])
-            poison(o[1])
-        g.replay()
-    sim.check()
-    for n, r in outs:
-        assert torch.equal(r, want_r)
-        torch.testing.assert_close(n.float(), want_n.float(), rtol=1.6e-2, atol=1.6e-2)
+    graph_replays(world(W), W, _rms)
 
 
 @pytest.mark.gpu
 def test_peer_never_arrives():
-    from tdcompile.kernels.all_reduce_rmsnorm_lamport import all_reduce_rmsnorm_lamport
-    from tdcompile.kernels.symm import SimWorld
-    sim = SimWorld(2, timeout_s=0.2)
-    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
-    w = torch.ones(512, device="cuda", dtype=torch.bfloat16)
-    sim.run(lambda ws: all_reduce_rmsnorm_lamport(ws, x, x, w, EPS), [()], ranks=[0])
-    with pytest.raises(RuntimeError, match=r"all_reduce_rmsnorm: rank 0 timed out"):
-        sim.check()
+    peer_never_arrives(_rms)
