@@ -7,7 +7,8 @@
            01 normalize    view/_unsafe_view -> reshape, fold HF's in-place copy
            02 sequence_parallel   all_reduce regions -> reduce_scatter ... all_gather
                            (strategy "sequence_parallel"; "auto" only off-GPU, when predicted faster)
-           03 match        find all_reduce_rmsnorm (all_reduce -> + residual -> RMSNorm), then
+           03 match        find all_reduce_rmsnorm (all_reduce -> + residual -> RMSNorm; with the
+                           GEMM before it: gemm_all_reduce_rmsnorm), then
                            gemm_all_reduce / all_gather_gemm / gemm_reduce_scatter /
                            all_reduce on what is left; each is decided: on a GPU from the
                            measured table (decide_measured), a missing or stale key measured
@@ -44,6 +45,7 @@ from tdcompile.passes import bound, sequence_parallel
 from tdcompile.passes.all_gather_gemm import find_all_gather_gemm_matches
 from tdcompile.passes.all_reduce_rmsnorm import find_all_reduce_rmsnorm_matches
 from tdcompile.passes.all_reduce import find_all_reduce_matches
+from tdcompile.passes.gemm_all_reduce_rmsnorm import find_gemm_all_reduce_rmsnorm_matches
 from tdcompile.passes.gemm_reduce_scatter import find_gemm_reduce_scatter_matches
 from tdcompile.passes.match import Decided
 from tdcompile.passes.normalize import normalize
@@ -129,7 +131,8 @@ class TdistPass(CustomGraphPass):
 
         stage[0] = "03 match"
 
-        rms = [decide(m) for m in find_all_reduce_rmsnorm_matches(graph)]
+        rms_matches = find_all_reduce_rmsnorm_matches(graph)
+        rms = [decide(m) for m in rms_matches + find_gemm_all_reduce_rmsnorm_matches(rms_matches)]
         others = [decide(m) for m in _graph_matches(graph)]
         decided = _one_claim_per_all_reduce(rms, others)
         report = Report(matches=decided, graph_decisions=[(gid, sp)])
@@ -272,7 +275,8 @@ def _on_gpu() -> bool:
 RUNTIME_AUTO = ("all_reduce", "gemm_all_reduce")
 """Patterns a dynamic-M match may leave to the op (``impl="auto"``, chosen per M bucket at run time):
 those whose run-time ``unfused`` path is the code Inductor would run (NCCL on the GEMM's own output).
-Others (``all_reduce_rmsnorm``: Inductor fuses add + RMSNorm into one kernel) stay unrewritten."""
+Others (``all_reduce_rmsnorm``, ``gemm_all_reduce_rmsnorm``: Inductor fuses add + RMSNorm into one
+kernel) stay unrewritten."""
 
 
 def decide_measured(m, may_measure: bool = True) -> Decision:
@@ -318,23 +322,40 @@ def _gain(d: Decided) -> float:
     return max(0.0, t["unfused"] - t[d.choice]) if "unfused" in t and d.choice in t else 0.0
 
 
+COVERS = {"gemm_all_reduce_rmsnorm": 2, "all_reduce_rmsnorm": 1}
+"""How much of the graph a match covers beyond its all-reduce (others: 0): the GEMM + norm fusion,
+then the norm fusion."""
+CLOSE_GAIN = 0.9
+"""A match covering more takes the all-reduce when its gain is at least this fraction of the best
+one's.  The gains are measured against each op's own ``unfused`` (the RMSNorm op's NCCL reduces
+a copy of its input, the GEMM op's the GEMM output in place), so gains a few percent apart do not
+tell the two apart; the larger fusion also removes a kernel boundary the table does not price."""
+
+
 def _one_claim_per_all_reduce(rms: list, others: list) -> list:
-    """An all_reduce matched both as ``all_reduce_rmsnorm`` and as ``gemm_all_reduce`` /
-    ``all_reduce``, with both decided fused, goes to the one whose decision saves more (an
-    unmeasured ``"auto"`` or a forced strategy saves nothing known; ties go to the RMSNorm fusion,
-    which covers more of the graph); the other is kept
-    unfused in the report, with the reason."""
-    by_ar = {d.match.ar: d for d in others if getattr(d.match, "ar", None) is not None}
-    for d in rms:
-        o = by_ar.get(d.match.ar)
-        if o is None or d.choice == "unfused" or o.choice == "unfused":
+    """An all_reduce matched several ways (``gemm_all_reduce_rmsnorm``, ``all_reduce_rmsnorm``,
+    ``gemm_all_reduce`` / ``all_reduce``), with more than one decided fused, goes to one of them:
+    the one covering most of the graph (``COVERS``) among those whose gain is within
+    ``CLOSE_GAIN`` of the best (an unmeasured ``"auto"`` or a forced strategy saves nothing known,
+    so then the largest fusion); the others are kept unfused in the report, with the reason."""
+    by_ar: dict = {}
+    for d in rms + others:
+        ar = getattr(d.match, "ar", None)
+        if ar is not None and d.choice != "unfused":
+            by_ar.setdefault(ar, []).append(d)
+    for claims in by_ar.values():
+        if len(claims) < 2:
             continue
-        loser, winner = (d, o) if _gain(o) > _gain(d) else (o, d)
-        why = "which saves more" if max(_gain(o), _gain(d)) > 0 else \
-            "no measured saving tells them apart and the RMSNorm fusion covers more of the graph"
-        loser.decision = Decision("unfused", loser.decision.candidates_us,
-                                  f"its all_reduce goes to {winner.pattern} ({winner.choice}): {why}",
-                                  loser.decision.source)
+        best = max(_gain(d) for d in claims)
+        winner = max((d for d in claims if _gain(d) >= CLOSE_GAIN * best),
+                     key=lambda d: (COVERS.get(d.pattern, 0), _gain(d)))
+        why = "which saves the most or nearly, and covers the most of the graph" if best > 0 else \
+            "no measured saving tells them apart and it covers the most of the graph"
+        for loser in claims:
+            if loser is not winner:
+                loser.decision = Decision("unfused", loser.decision.candidates_us,
+                                          f"its all_reduce goes to {winner.pattern} ({winner.choice}): {why}",
+                                          loser.decision.source)
     return rms + others
 
 

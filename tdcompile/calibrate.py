@@ -41,7 +41,7 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> None:
 
 def model_keys(config, world: int, ms: list, dtype, sp: bool = False) -> list:
     """The measured-table keys of a Qwen3/Llama-style decoder under TP=``world`` (HF plan:
-    o_proj / down_proj -> all_reduce; with ``sp``: q,k,v and gate,up as AG-GEMM, o_proj and
+    o_proj / down_proj -> all_reduce, alone or with the residual add + RMSNorm after it; with ``sp``: q,k,v and gate,up as AG-GEMM, o_proj and
     down_proj as GEMM-RS), at each M in ``ms``."""
     from tdcompile.measured import Key
     H, D = config.hidden_size, getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
@@ -50,7 +50,9 @@ def model_keys(config, world: int, ms: list, dtype, sp: bool = False) -> list:
     for m in ms:
         kw = dict(m=m, dtype=dtype, world=world)
         keys += [Key.of("gemm_all_reduce", n=H, k=q // world, **kw), Key.of("gemm_all_reduce", n=H, k=inter // world, **kw),
-                 Key.of("all_reduce", n=H, k=0, **kw), Key.of("all_reduce_rmsnorm", n=H, k=0, **kw)]
+                 Key.of("all_reduce", n=H, k=0, **kw), Key.of("all_reduce_rmsnorm", n=H, k=0, **kw),
+                 Key.of("gemm_all_reduce_rmsnorm", n=H, k=q // world, **kw),             # o_proj -> post-attn norm
+                 Key.of("gemm_all_reduce_rmsnorm", n=H, k=inter // world, **kw)]         # down -> next input norm
         if sp and m % world == 0:
             keys += [Key.of("all_gather_gemm", n=(q + 2 * kv) // world, k=H, **kw),
                      Key.of("all_gather_gemm", n=2 * inter // world, k=H, **kw),

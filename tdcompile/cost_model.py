@@ -23,7 +23,8 @@ from typing import Optional
 
 import torch
 
-PATTERNS = ("gemm_all_reduce", "all_gather_gemm", "gemm_reduce_scatter", "all_reduce", "all_reduce_rmsnorm")
+PATTERNS = ("gemm_all_reduce", "all_gather_gemm", "gemm_reduce_scatter", "all_reduce", "all_reduce_rmsnorm",
+            "gemm_all_reduce_rmsnorm")
 _PROFILE_DIR = os.path.join(os.path.dirname(__file__), "profiles")
 
 
@@ -141,6 +142,10 @@ def predict(pattern: str, *, m: int, n: int, k: int, world_size: int, elem: int,
                 "fused": p2p_all_reduce_us(p, nbytes, w) + 2 * nbytes / (p.hbm_gbps * 1e3)}
     gemm = gemm_us(p, m, n, k, elem)
     fused_gemm = gemm_us(p, m, n, k, elem, p.fused_gemm_efficiency)
+    if pattern == "gemm_all_reduce_rmsnorm":
+        # cuBLAS in both; fused: it writes the symmetric buffer the all-reduce + norm kernel reads
+        norm = predict("all_reduce_rmsnorm", m=m, n=n, k=0, world_size=w, elem=elem, profile=p)
+        return {c: gemm + t for c, t in norm.items()}
     if pattern == "gemm_all_reduce":
         nbytes = m * n * elem
         comm = p2p_all_reduce_us(p, nbytes, w)

@@ -35,6 +35,7 @@ CANDIDATES = {
                         "symm_mem:two_shot", "fused:lamport", "fused:lamport2", "fused:pipe2", "fused:pipe4",
                         "fused:pipe2_nccl", "fused:pipe4_nccl", "fused:ce2", "fused:ce4"],
     "all_reduce_rmsnorm": ["unfused", "fused:one_shot", "fused:two_shot", "fused:lamport", "fused:lamport2"],
+    "gemm_all_reduce_rmsnorm": ["unfused", "fused:one_shot", "fused:two_shot"],
     "all_gather_gemm": ["unfused", "fused", "symm_mem", "fused:ce"],
     "gemm_reduce_scatter": ["unfused", "fused", "symm_mem", "fused:ce"],
     "gemm": ["unfused"],
@@ -74,6 +75,8 @@ def _inputs(key: measured.Key, rank: int) -> tuple:
     if key.op == "all_reduce_rmsnorm":
         return (rnd(m, key.n), rnd(m, key.n), (1 + rnd(key.n)).to(dt), 1e-6)        # x, residual, weight, eps
     b = rnd(key.n, key.k).t()                                                        # [K, N] (weight^T)
+    if key.op == "gemm_all_reduce_rmsnorm":                                          # a, b, bias, residual, weight, eps
+        return (rnd(m, key.k), b, None, rnd(m, key.n), (1 + rnd(key.n)).to(dt), 1e-6)
     if key.op == "all_gather_gemm":
         return (rnd(max(1, m // key.world), key.k), [b], key.world)                  # a_shard [M/w, K]
     return (rnd(m, key.k), b, None)                                                  # a [M, K]
@@ -87,6 +90,9 @@ def _call(key: measured.Key, impl: str, args: tuple, group_name: str):
         return td.all_reduce(args[0], group_name, impl)
     if key.op == "all_reduce_rmsnorm":
         normed, resid = td.all_reduce_rmsnorm(*args, group_name, impl)
+        return torch.cat([normed.flatten(), resid.flatten()])
+    if key.op == "gemm_all_reduce_rmsnorm":
+        normed, resid = td.gemm_all_reduce_rmsnorm(*args, group_name, impl)
         return torch.cat([normed.flatten(), resid.flatten()])
     if key.op == "gemm_all_reduce":
         return td.gemm_all_reduce(args[0], args[1], args[2], group_name, impl)

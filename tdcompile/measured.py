@@ -68,9 +68,10 @@ _DIGESTS: dict[tuple, str] = {}
 def impl_files(op: str, impl: str) -> list[str]:
     """The package files (relative paths) whose code decides how fast ``impl`` runs ``op``."""
     fam, var = impl.split(":", 1)[0], (impl.split(":", 1)[1] if ":" in impl else "")
+    rms = op in ("all_reduce_rmsnorm", "gemm_all_reduce_rmsnorm")
     if fam == "unfused":                   # NCCL + cuBLAS: covered by the torch version in the env,
         return ["kernels/add_rmsnorm.py", "kernels/all_reduce_rmsnorm.py"] \
-            if op == "all_reduce_rmsnorm" else []          # + the stand-in for Inductor's norm kernel
+            if rms else []                                 # + the stand-in for Inductor's norm kernel
     if fam == "symm_mem":
         return ["ops/symm_mem.py"]
     base = ["ops/cuda.py", "kernels/symm.py", "kernels/signals.py"]
@@ -94,7 +95,7 @@ def impl_files(op: str, impl: str) -> list[str]:
     if var.startswith("ce"):
         return base + ["ops/overlap.py", "kernels/gemm_all_reduce_ce.py"]
     if var in ("one_shot", "two_shot"):
-        extra = ["kernels/all_reduce_rmsnorm.py"] if op == "all_reduce_rmsnorm" else []
+        extra = ["kernels/all_reduce_rmsnorm.py"] if rms else []
         return base + ["kernels/all_reduce.py"] + extra
     return base + [f"kernels/{op}.py", "kernels/tiles.py"]
 

@@ -50,7 +50,7 @@ def main(rank: int, port: int, cache: str, scenario: str) -> dict:
             "choices": sorted(f"{d.pattern}={d.choice}" for d in rep.matches),
             "times": {d.pattern: d.decision.candidates_us for d in rep.matches},
             "reasons": {d.pattern: d.decision.reason for d in rep.matches},
-            "rewritten": any("tdist.all_reduce_rmsnorm" in after for _, after in rep.graphs),
+            "rewritten": any("tdist.gemm_all_reduce_rmsnorm" in after for _, after in rep.graphs),
             "choices2": sorted(f"{d.pattern}={d.choice}" for d in rep2.matches), "err": err}
 
 

@@ -45,7 +45,7 @@ def hf_models():
     return {"qwen3": qwen3, "llama": llama}
 
 
-def _toy_case(rank, cls, dtype, **kw):
+def _toy_case(rank, cls, dtype, gemm=False, **kw):
     model = toy_model(cls, dtype=dtype, **kw)
     if cls is ToyDecoder:
         inputs = (torch.randn(B, S, H, generator=torch.Generator().manual_seed(5 + rank)).to(dtype),)
@@ -53,13 +53,14 @@ def _toy_case(rank, cls, dtype, **kw):
         inputs = toy_inputs(dtype, rank=rank)
     with torch.no_grad():
         want = model(*inputs)
-    graphs, got = compile_post_grad(model, *inputs)
+    graphs, got = compile_post_grad(model, *inputs, gemm=gemm)
     want = want if isinstance(want, tuple) else (want,)
     got = got if isinstance(got, tuple) else (got,)
     return {"max_abs_diff": max(float((w.float() - g.float()).abs().max()) for w, g in zip(want, got)),
             "bitwise": all(torch.equal(w, g) for w, g in zip(want, got)),
             "matches": [m["module"] for g in graphs for m in g["matches"]],
-            "tdist_ops": sum(g["after"]["tdist.all_reduce_rmsnorm"] for g in graphs),
+            "tdist_ops": sum(g["after"]["tdist.all_reduce_rmsnorm"] + g["after"]["tdist.gemm_all_reduce_rmsnorm"]
+                             for g in graphs),
             "all_reduce_left": sum(g["after"]["c10d.all_reduce"] for g in graphs)}
 
 
@@ -92,7 +93,7 @@ def _hf_backend_case(name, dtype=torch.float32):
     return {"max_diff_eager_tp": float((out - eager_tp).abs().max()), "max_diff_single": float((out - ref).abs().max()),
             "graphs": len(report.graphs), "errors": list(getattr(report, "errors", [])),
             "matches": [(d.pattern, d.module, d.choice, d.rewritten) for d in report.matches],
-            "tdist_ops": after.count("torch.ops.tdist.all_reduce_rmsnorm.default("),
+            "tdist_ops": after.count("torch.ops.tdist.gemm_all_reduce_rmsnorm.default("),
             "all_reduce_left": after.count("_c10d_functional.all_reduce.default(")}
 
 
@@ -104,6 +105,9 @@ NUMERICS = {
     "toy_norm_on_reshaped_sum_bf16": lambda rk: _toy_case(rk, NormOnFlattenedSum, torch.bfloat16),
     "toy_decoder_fp32": lambda rk: _toy_case(rk, ToyDecoder, torch.float32),
     "toy_decoder_bf16": lambda rk: _toy_case(rk, ToyDecoder, torch.bfloat16),
+    "toy_gemm_fp32": lambda rk: _toy_case(rk, RowParallelResidualNorm, torch.float32, gemm=True),
+    "toy_gemm_bf16": lambda rk: _toy_case(rk, RowParallelResidualNorm, torch.bfloat16, gemm=True),
+    "toy_gemm_decoder_bf16": lambda rk: _toy_case(rk, ToyDecoder, torch.bfloat16, gemm=True),
     "qwen3_fp32": lambda rk: _hf_case("qwen3", torch.float32),
     "qwen3_bf16": lambda rk: _hf_case("qwen3", torch.bfloat16),
     "llama_fp32": lambda rk: _hf_case("llama", torch.float32),

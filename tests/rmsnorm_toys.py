@@ -21,6 +21,7 @@ import torch.nn as nn
 
 import tdcompile  # noqa: F401  (registers torch.ops.tdist.*)
 from tdcompile.passes.all_reduce_rmsnorm import find_all_reduce_rmsnorm_matches
+from tdcompile.passes.gemm_all_reduce_rmsnorm import find_gemm_all_reduce_rmsnorm_matches
 from tdcompile.passes.normalize import normalize
 
 c10d = torch.ops._c10d_functional
@@ -51,8 +52,8 @@ def _describe(n) -> str:
     """``"op[i]"`` for ``getitem(tdist.all_reduce_rmsnorm(...), i)``, else the node's target."""
     import operator
 
-    if isinstance(n, torch.fx.Node) and n.target is operator.getitem and \
-            n.args[0].target is torch.ops.tdist.all_reduce_rmsnorm.default:
+    if isinstance(n, torch.fx.Node) and n.target is operator.getitem and n.args[0].target in (
+            torch.ops.tdist.all_reduce_rmsnorm.default, torch.ops.tdist.gemm_all_reduce_rmsnorm.default):
         return f"op[{n.args[1]}]"
     return str(getattr(n, "target", n))
 
@@ -60,13 +61,15 @@ def _describe(n) -> str:
 class _FindAndRewrite:
     """Stands where ``TdistPass`` stands (Inductor's post_grad_custom_post_pass)."""
 
-    def __init__(self, rewrite: bool, impl: str):
-        self.rewrite, self.impl, self.graphs = rewrite, impl, []
+    def __init__(self, rewrite: bool, impl: str, gemm: bool = False):
+        self.rewrite, self.impl, self.gemm, self.graphs = rewrite, impl, gemm, []
 
     def __call__(self, graph):
         normalize(graph)
         before = op_counts(graph)
         matches = find_all_reduce_rmsnorm_matches(graph)
+        if self.gemm:          # the GEMM -> all_reduce -> norm form where a GEMM feeds the all-reduce
+            matches = find_gemm_all_reduce_rmsnorm_matches(matches)
         infos = [{"module": m.module, "source": m.source, "shape": m.mnk(), "eps": m.eps, "dtype": m.dtype,
                   "group": m.group_name, "world": m.world_size, "detail": m.describe()} for m in matches]
         if self.rewrite:
@@ -81,12 +84,12 @@ class _FindAndRewrite:
         return None
 
 
-def make_pass(rewrite, impl):
+def make_pass(rewrite, impl, gemm=False):
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     class P(_FindAndRewrite, CustomGraphPass):
         pass
-    return P(rewrite, impl)
+    return P(rewrite, impl, gemm)
 
 
 def post_grad_backend(gm, example_inputs, *, cap):
@@ -101,9 +104,10 @@ def post_grad_backend(gm, example_inputs, *, cap):
                       config_patches={"post_grad_custom_post_pass": cap, "force_disable_caches": True})
 
 
-def compile_post_grad(model, *args, rewrite=True, impl="fused", **kwargs):
-    """Returns (the pass record: one dict per graph, the compiled output)."""
-    cap = make_pass(rewrite, impl)
+def compile_post_grad(model, *args, rewrite=True, impl="fused", gemm=False, **kwargs):
+    """Returns (the pass record: one dict per graph, the compiled output); ``gemm``: match the
+    ``gemm_all_reduce_rmsnorm`` form instead."""
+    cap = make_pass(rewrite, impl, gemm)
     torch._dynamo.reset()
     fn = torch.compile(model, backend=functools.partial(post_grad_backend, cap=cap), fullgraph=True)
     with torch.no_grad():
@@ -236,6 +240,15 @@ class Fp32ResidualBf16Reduce(RowParallelResidualNorm):
     def forward(self, x, residual):   # residual fp32, reduce bf16: the add promotes
         residual = residual + all_reduce(nn.functional.linear(x.bfloat16(), self.o_proj.weight.bfloat16()))
         return self.norm(residual), residual
+
+
+class GemmOutputUsedTwice(RowParallelResidualNorm):
+    """The GEMM's output also leaves the graph: the GEMM must stay, so only the norm fusion applies."""
+
+    def forward(self, x, residual):
+        y = self.o_proj(x)
+        residual = residual + all_reduce(y)
+        return self.norm(residual), residual, y
 
 
 def toy_inputs(dtype=torch.float32, seed=0, rank=0):

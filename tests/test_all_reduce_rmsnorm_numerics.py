@@ -1,4 +1,4 @@
-"""``tdist.all_reduce_rmsnorm``: the op's arithmetic, unmodified HF models, the tdist backend, and
+"""``tdist.all_reduce_rmsnorm`` (and ``gemm_all_reduce_rmsnorm``, the same with its GEMM): the op's arithmetic, unmodified HF models, the tdist backend, and
 the numerics on 2 gloo ranks (issue 10, item 3; harness: ``rmsnorm_toys``, ranks: ``rmsnorm_gloo``).
 
 * the reference op is bit-for-bit HF's ``residual + x`` followed by HF's RMSNorm (the toy norm is
@@ -101,16 +101,20 @@ def test_backend_rewrites_the_fusion_and_reports_it_as_its_own_pattern(fake_pg):
         eager = model(x)
     report = tdcompile.explain(model, x, options={"strategy": "fused"}, fullgraph=True)
     torch._dynamo.reset()
-    fused = report.by_pattern("all_reduce_rmsnorm")
-    assert sorted(d.module for d in fused) == sorted(["layers.0.post_attention_layernorm", "layers.1.input_layernorm",
-                                                      "layers.1.post_attention_layernorm", "norm"])
-    assert all(d.rewritten and d.shape == (B * S, H, 0) for d in fused)
-    # the all-reduces went into all_reduce_rmsnorm: the competing GEMM matches stay unfused, saying why
-    rivals = report.by_pattern("gemm_all_reduce") + report.by_pattern("all_reduce")
-    assert rivals and all(not d.rewritten and d.choice == "unfused" and "goes to all_reduce_rmsnorm" in d.reason
+    norms = ["layers.0.post_attention_layernorm", "layers.1.input_layernorm", "layers.1.post_attention_layernorm",
+             "norm"]
+    for pattern, k in (("gemm_all_reduce_rmsnorm", H), ("all_reduce_rmsnorm", 0)):   # both forms are reported
+        assert sorted(d.module for d in report.by_pattern(pattern)) == sorted(norms)
+        assert all(d.shape == (B * S, H, k) for d in report.by_pattern(pattern))
+    # a forced strategy saves nothing known: every all-reduce goes to the largest fusion, GEMM included
+    assert all(d.rewritten for d in report.by_pattern("gemm_all_reduce_rmsnorm"))
+    rivals = report.by_pattern("all_reduce_rmsnorm") + report.by_pattern("gemm_all_reduce") + \
+        report.by_pattern("all_reduce")
+    assert rivals and all(not d.rewritten and d.choice == "unfused" and "goes to gemm_all_reduce_rmsnorm" in d.reason
                           for d in rivals)
     (_, after), = report.graphs
-    assert after.count("torch.ops.tdist.all_reduce_rmsnorm.default(") == 4 and "_c10d_functional.all_reduce" not in after
+    assert after.count("torch.ops.tdist.gemm_all_reduce_rmsnorm.default(") == 4
+    assert "_c10d_functional.all_reduce" not in after and "tdist.all_reduce_rmsnorm" not in after
     torch.testing.assert_close(report.output, eager, rtol=1e-5, atol=1e-5)   # fake group: the reduce is the identity
 
 
@@ -161,7 +165,7 @@ def _case(results, name):
 @pytest.mark.parametrize("name", TOY_CASES)
 def test_toy_rewrite_is_bitwise_equal_to_eager_on_two_gloo_ranks(gloo_toys, name):
     for rank, r in enumerate(_case(gloo_toys, name)):
-        want = 4 if name.startswith("toy_decoder") else 1
+        want = 4 if "decoder" in name else 1
         assert r["tdist_ops"] == want and len(r["matches"]) == want and r["all_reduce_left"] == 0, r
         assert r["bitwise"], f"rank {rank}: max abs diff {r['max_abs_diff']}"
 
@@ -193,10 +197,10 @@ def test_backend_fuses_every_residual_norm_of_unmodified_hf_models_and_equals_ea
     for rank, r in enumerate(_case(gloo_backend, name)):
         assert r["graphs"] == 1 and not r["errors"], r
         arn = sorted(mod for pat, mod, choice, rewritten in r["matches"]
-                     if pat == "all_reduce_rmsnorm" and choice == "fused" and rewritten)
+                     if pat == "gemm_all_reduce_rmsnorm" and choice == "fused" and rewritten)
         assert arn == sorted(m for m, _ in _expected_hf_matches()), r["matches"]
-        # the GEMM matches of the same all_reduces stay unfused (ties go to the RMSNorm fusion)
+        # the other matches of the same all_reduces stay unfused (ties go to the largest fusion)
         assert all(not rewritten and choice == "unfused" for pat, _, choice, rewritten in r["matches"]
-                   if pat in ("gemm_all_reduce", "all_reduce")), r["matches"]
+                   if pat in ("all_reduce_rmsnorm", "gemm_all_reduce", "all_reduce")), r["matches"]
         assert r["tdist_ops"] == 4 and r["all_reduce_left"] == 0
         assert r["max_diff_eager_tp"] <= 1e-4 and r["max_diff_single"] <= 1e-4, r

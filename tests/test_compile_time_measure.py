@@ -22,34 +22,38 @@ def runs(tmp_path_factory):
 def test_a_shape_missing_from_the_table_is_measured_while_compiling_by_every_rank(runs):
     for r in runs["fused_wins"]:
         keys = sorted(c["key"].split("|")[0] for c in r["calls"])
-        assert keys == ["all_reduce_rmsnorm", "gemm_all_reduce"]        # each key once, in the pass
+        assert keys == ["all_reduce_rmsnorm", "gemm_all_reduce", "gemm_all_reduce_rmsnorm"]   # each once, in the pass
         assert all(c["real"] and c["ranks"] == 2.0 for c in r["calls"])  # real tensors; both ranks joined
 
 
 def test_the_measured_winner_is_compiled_in_and_agreed_by_every_rank(runs):
     r0, r1 = runs["fused_wins"]
-    assert r0["choices"] == r1["choices"] == ["all_reduce_rmsnorm=fused:one_shot", "gemm_all_reduce=unfused"]
-    assert r0["times"]["all_reduce_rmsnorm"]["unfused"] == 11.0            # the max over ranks
+    # equal gains: the all-reduce goes to the match that covers the most (the GEMM + RMSNorm one)
+    assert r0["choices"] == r1["choices"] == ["all_reduce_rmsnorm=unfused", "gemm_all_reduce=unfused",
+                                              "gemm_all_reduce_rmsnorm=fused:one_shot"]
+    assert r0["times"]["gemm_all_reduce_rmsnorm"]["unfused"] == 11.0       # the max over ranks
     assert r0["rewritten"] and r0["err"] < 1e-5 and r1["err"] < 1e-5
 
 
 def test_a_tie_keeps_inductors_code_and_no_auto_op_is_left(runs):
     for r in runs["tie"]:
-        assert r["choices"] == ["all_reduce_rmsnorm=unfused", "gemm_all_reduce=unfused"]
+        assert r["choices"] == ["all_reduce_rmsnorm=unfused", "gemm_all_reduce=unfused", "gemm_all_reduce_rmsnorm=unfused"]
         assert not r["rewritten"] and r["err"] < 1e-5
 
 
 def test_a_second_compile_reuses_the_agreement_and_caches_are_bypassed(runs):
     for r in runs["fused_wins"]:
-        assert r["choices2"] == r["choices"] and len(r["calls"]) == 2      # nothing measured again
+        assert r["choices2"] == r["choices"] and len(r["calls"]) == 3      # nothing measured again
         assert r["uuid"] is None               # no rank may be served from Inductor's cache, skipping the pass
 
 
 def test_dynamic_m_leaves_to_run_time_only_ops_whose_fallback_is_inductors_own_code(runs):
     """With M unknown the op picks per M bucket at run time; its ``unfused`` fallback there is
     NCCL on the GEMM's output (what Inductor runs) for gemm_all_reduce, but for all_reduce_rmsnorm
-    it would lose Inductor's fused add + RMSNorm kernel: that one is not rewritten."""
+    and gemm_all_reduce_rmsnorm it would lose Inductor's fused add + RMSNorm kernel: those are not
+    rewritten."""
     for r in runs["dynamic"]:
         assert r["calls"] == []                                            # nothing to measure at compile
-        assert r["choices"] == ["all_reduce_rmsnorm=unfused", "gemm_all_reduce=auto"]
+        assert r["choices"] == ["all_reduce_rmsnorm=unfused", "gemm_all_reduce=auto", "gemm_all_reduce_rmsnorm=unfused"]
         assert "dynamic M" in r["reasons"]["all_reduce_rmsnorm"] and r["err"] < 1e-5
+        assert "dynamic M" in r["reasons"]["gemm_all_reduce_rmsnorm"]

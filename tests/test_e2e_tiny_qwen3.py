@@ -22,7 +22,7 @@ HF_ROW_PARALLEL = sorted(f"model.layers.{i}.{p}" for i in range(2) for p in ("se
 # the norm that follows each of those all_reduces (after the residual add)
 HF_NORMS_AFTER_ALL_REDUCE = ["model.layers.0.post_attention_layernorm", "model.layers.1.input_layernorm",
                              "model.layers.1.post_attention_layernorm", "model.norm"]
-ALL_REDUCE_FAMILIES = ("gemm_all_reduce", "all_reduce_rmsnorm", "all_reduce")
+ALL_REDUCE_FAMILIES = ("gemm_all_reduce", "all_reduce_rmsnorm", "gemm_all_reduce_rmsnorm", "all_reduce")
 
 
 def _run_worker(request, tmp_path_factory, names):
@@ -66,7 +66,7 @@ def modules(r, pattern, choice=None):
 
 def assert_every_all_reduce_fused(r):
     """HF's plan has 4 all_reduces (o_proj, down_proj x 2 layers); each must become one tdist op,
-    fused with its GEMM (gemm_all_reduce) or with the residual add + RMSNorm after it."""
+    fused with its GEMM (gemm_all_reduce), with the residual add + RMSNorm after it, or both."""
     fused = [m for m in r["matches"] if m["pattern"] in ALL_REDUCE_FAMILIES and m["rewritten"]]
     assert len(fused) == 4, [(m["pattern"], m["module"]) for m in r["matches"]]
     assert {m["module"] for m in fused} <= set(HF_ROW_PARALLEL + HF_NORMS_AFTER_ALL_REDUCE)

@@ -217,7 +217,29 @@ def test_an_all_reduce_claimed_twice_goes_to_the_decision_that_saves_more():
     out = _one_claim_per_all_reduce([rms, lone], [gemm])
     assert {id(d) for d in out} == {id(gemm), id(rms), id(lone)}
     assert gemm.choice == "fused:one_shot" and lone.choice == "fused:one_shot"        # 15.9 us > 5.8 us saved
-    assert rms.choice == "unfused" and "goes to gemm_all_reduce (fused:one_shot): which saves more" in rms.reason
+    assert rms.choice == "unfused" and "goes to gemm_all_reduce (fused:one_shot): which saves" in rms.reason
+
+
+def test_an_all_reduce_claimed_three_ways_goes_to_the_largest_fusion_whose_gain_is_close_to_the_best():
+    from types import SimpleNamespace as NS
+    from tdcompile.backend import CLOSE_GAIN, _one_claim_per_all_reduce
+    from tdcompile.cost_model import Decision
+    from tdcompile.passes.match import Decided
+
+    def decided(pattern, choice, times):
+        return Decided(NS(pattern=pattern, ar="ar0"), Decision(choice, times, "measured", "cached"))
+
+    def claim(grms_gain):                   # gains: RMSNorm op 100 us, GEMM op 90, GEMM + RMSNorm op grms_gain
+        rms = decided("all_reduce_rmsnorm", "fused:one_shot", {"unfused": 300.0, "fused:one_shot": 200.0})
+        gar = decided("gemm_all_reduce", "fused:one_shot", {"unfused": 900.0, "fused:one_shot": 810.0})
+        grms = decided("gemm_all_reduce_rmsnorm", "fused:one_shot",
+                       {"unfused": 1000.0, "fused:one_shot": 1000.0 - grms_gain})
+        _one_claim_per_all_reduce([rms, grms], [gar])
+        return [d.pattern for d in (rms, gar, grms) if d.choice != "unfused"]
+
+    assert claim(100.0 * CLOSE_GAIN + 1) == ["gemm_all_reduce_rmsnorm"]      # close to the best: covers more
+    assert claim(100.0 * CLOSE_GAIN - 1) == ["all_reduce_rmsnorm"]           # clearly less: the best gain
+    assert claim(150.0) == ["gemm_all_reduce_rmsnorm"]
 
 
 def _sp_toy_gathered(x, w1, w2):                                # x [M, K]: an MLP-like block

@@ -66,7 +66,8 @@ DATA_REGION = "ar.data"
 SIG_REGION = "ar.sig"
 VARIANTS = ("one_shot", "two_shot")
 NUM_WARPS = 16
-DEFAULT_CTAS = 64
+DEFAULT_CTAS = 128             # 2xH200, 4096x5120: one-shot 155.5 vs 165.6 us (copy-in), 132.0 vs
+                               # 133.6 (zero copy); two-shot 163.5 vs 184.3 (all_reduce-h200-w2-2026-11-27-full.json)
 # placeholder crossover until measured (bytes up to which one_shot is picked by "auto")
 ONE_SHOT_MAX_BYTES = {2: 1 << 62, 4: 512 << 10, 8: 256 << 10}
 

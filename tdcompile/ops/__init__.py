@@ -23,6 +23,11 @@ i.e. the transposed ``nn.Linear`` weight exactly as it appears in the ATen graph
         where A = cat of every rank's a_shard along dim 0   (A is [world*m, K])
     gemm_reduce_scatter(a[M,K], b[K,N], bias[N]?, world_size, group_name, impl)
                                                              -> reduce_scatter(a @ b + bias, dim 0)
+    all_reduce_rmsnorm(x, residual, weight[N], eps, group_name, impl)
+                                                             -> (normed, new_residual): HF's residual
+        add + RMSNorm after all_reduce(x)                       (new_residual = residual + sum)
+    gemm_all_reduce_rmsnorm(a[M,K], b[K,N], bias[N]?, residual, weight[N], eps, group_name, impl)
+                                                             -> all_reduce_rmsnorm(a @ b + bias, ...)
 
 ``impl`` is the compiler's choice, kept in the graph so dumps show it, in the vocabulary of
 ``tdcompile.config``: ``"unfused"`` (NCCL + cuBLAS), ``"fused"`` (our Triton kernels),

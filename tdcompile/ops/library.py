@@ -102,3 +102,27 @@ def _(x, residual, weight, eps, group_name, impl="auto"):
 
 
 OP_NAMES = (*OP_NAMES, "all_reduce_rmsnorm")  # appended with its op (this file is extended at its end)
+
+
+# -------------------------------------------------- gemm_all_reduce_rmsnorm
+@torch.library.custom_op("tdist::gemm_all_reduce_rmsnorm", mutates_args=())
+def gemm_all_reduce_rmsnorm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
+                            weight: torch.Tensor, eps: float, group_name: str,
+                            impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``all_reduce_rmsnorm(a @ b + bias, residual, weight, eps)`` with the GEMM inside the op, so
+    the fused variants let cuBLAS write straight into the symmetric buffer the all-reduce reads
+    (zero copy). ``a`` [M, K], ``b`` [K, N]; ``residual`` has M*N elements and last dim N (any
+    leading shape: the outputs take it). Returns ``(normed, new_residual)``."""
+    _check_impl(impl)
+    return ref.gemm_all_reduce_rmsnorm(a, b, bias, residual, weight, eps, group_name)
+
+
+@gemm_all_reduce_rmsnorm.register_fake
+def _(a, b, bias, residual, weight, eps, group_name, impl="auto"):
+    torch._check(residual.shape[-1] == b.shape[1],
+                 lambda: "gemm_all_reduce_rmsnorm: residual's last dim must be the GEMM's N")
+    new_residual = torch.empty_like(residual, memory_format=torch.contiguous_format)
+    return torch.empty_like(new_residual), new_residual
+
+
+OP_NAMES = (*OP_NAMES, "gemm_all_reduce_rmsnorm")

@@ -67,6 +67,12 @@ def all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return rmsnorm_after_all_reduce(all_reduce(x, group_name), residual, weight, eps)
 
 
+def gemm_all_reduce_rmsnorm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
+                            weight: torch.Tensor, eps: float, group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``all_reduce_rmsnorm(a @ b + bias)``; the GEMM's [M, N] output takes ``residual``'s shape."""
+    return all_reduce_rmsnorm(_gemm(a, b, bias).reshape(residual.shape), residual, weight, eps, group_name)
+
+
 def rmsnorm_after_all_reduce(reduced: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The part of ``all_reduce_rmsnorm`` after the all-reduce (its docstring)."""

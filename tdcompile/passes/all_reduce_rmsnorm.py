@@ -86,15 +86,10 @@ class AllReduceRMSNormMatch(Match):
         return f"after {self.source}, eps={self.eps:g}"
 
     def replace_with(self, graph: fx.Graph, impl: str) -> None:
-        x = self.ar.args[0]
         residual = self.add.args[self.residual_idx]
         hoist_inputs(self.weight, self.add, {self.add} | descendants(self.add))
         with graph.inserting_before(self.add):
-            if not _same_shape(shape(x), shape(self.add)):   # reshaped on the way: reshape x (the sum is elementwise)
-                target = next(n for n in reversed(self.red_chain) if is_call(n, *RESHAPES)).args[1]
-                x = emit(graph, aten.reshape.default, (x, target), like=self.add)
-            op = emit(graph, tdist.all_reduce_rmsnorm.default, (x, residual, self.weight, self.eps, self.group_name,
-                                                                impl), like=self.out)
+            op = self._emit_op(graph, residual, impl)
             normed = _getitem(graph, op, 0, self.out)
             new_res = _getitem(graph, op, 1, self.add)
             if self.norm_in:                  # the norm ran on a reshaped sum: give its users that shape
@@ -102,7 +97,20 @@ class AllReduceRMSNormMatch(Match):
         self.out.replace_all_uses_with(normed)
         erase_dead([self.out, *self.norm_nodes, *self.norm_in])
         self.add.replace_all_uses_with(new_res)
-        erase_dead([self.add, *self.red_chain, self.wait, self.ar])
+        erase_dead([self.add, *self.red_chain, self.wait, self.ar, *self._producer()])
+
+    def _emit_op(self, graph: fx.Graph, residual: fx.Node, impl: str) -> fx.Node:
+        """The tdist op, emitted before ``add`` (the inserting point is set by the caller)."""
+        x = self.ar.args[0]
+        if not _same_shape(shape(x), shape(self.add)):   # reshaped on the way: reshape x (the sum is elementwise)
+            target = next(n for n in reversed(self.red_chain) if is_call(n, *RESHAPES)).args[1]
+            x = emit(graph, aten.reshape.default, (x, target), like=self.add)
+        return emit(graph, tdist.all_reduce_rmsnorm.default, (x, residual, self.weight, self.eps, self.group_name,
+                                                              impl), like=self.out)
+
+    def _producer(self) -> list:
+        """Nodes before the all-reduce that the op replaces too (none: the GEMM stays)."""
+        return []
 
 
 def _getitem(graph: fx.Graph, src: fx.Node, idx: int, like: fx.Node) -> fx.Node:

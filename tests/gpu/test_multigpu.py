@@ -25,6 +25,7 @@ IMPLS = {
     "gemm_reduce_scatter": ["fused", "symm_mem", "fused:ce"],
     "all_gather_gemm": ["fused", "symm_mem", "fused:ce"],
     "all_reduce_rmsnorm": ["fused:one_shot", "fused:two_shot", "fused:lamport", "fused:lamport2"],
+    "gemm_all_reduce_rmsnorm": ["fused:one_shot", "fused:two_shot"],
 }
 """Every candidate of ``auto`` (``measure.CANDIDATES`` minus ``unfused``), less those a session leaves
 out with ``TDCOMPILE_SKIP_CANDIDATES`` after their own GPU tests failed."""
@@ -42,6 +43,10 @@ def _call(op, impl, x, a, b, sh, g, W):
     if op == "all_reduce_rmsnorm":                  # residual: x's rows reversed; weight: 1 + k/16, k = n % 7
         weight = 1 + (torch.arange(x.shape[1], device=x.device) % 7).to(x.dtype) / 16
         normed, resid = td.all_reduce_rmsnorm(x, x.flip(0), weight, 1e-6, g, impl)
+        return torch.cat([normed.flatten(), resid.flatten()])
+    if op == "gemm_all_reduce_rmsnorm":             # the same residual and weight, a @ b as the reduced value
+        weight = 1 + (torch.arange(x.shape[1], device=x.device) % 7).to(x.dtype) / 16          # b: [K, N], x: [M, N]
+        normed, resid = td.gemm_all_reduce_rmsnorm(a, b, None, x.flip(0), weight, 1e-6, g, impl)
         return torch.cat([normed.flatten(), resid.flatten()])
     return td.all_gather_gemm(sh, [b], W, g, True, impl)[1][0]
 
