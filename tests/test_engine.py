@@ -69,7 +69,7 @@ def _scenarios(tmp: str, rank: int) -> dict:
     # 3. bench --quick end to end, then --check (tdist fused vs eager TP vs the unsharded model)
     p = argparse.ArgumentParser()
     bench.add_bench_args(p)
-    res = bench.bench_main(p.parse_args(["--quick", "--out", os.path.join(tmp, "results")]))
+    res = bench.bench_main(p.parse_args(["--quick", "--bursts", "2", "--out", os.path.join(tmp, "results")]))
     out["bench"] = {k: res[k] for k in ("rows", "errors", "columns", "json", "png")}
     noise = bench.bench_main(p.parse_args(["--quick", "--columns", "inductor,inductor_again,tdist", "--cases", "MLP",
                                            "--trace", "tdist", "--out", os.path.join(tmp, "noise")]))
@@ -142,6 +142,11 @@ def test_bench_quick_end_to_end(job):
     assert job[0]["files"] == {"json": True, "png": True}
     saved = job[0]["saved"]
     assert saved["versions"]["torch"] == torch.__version__ and saved["command"] and saved["machine"]
+    # back-to-back calls: the decode rows (the E2E one through the Engine), every column, ms per call
+    decode = sorted(r["case"] for r in b["rows"] if "decode" in r["case"])
+    assert decode and sorted(saved["burst_ms"]) == decode, saved["burst_ms"]
+    assert all(set(v) == {"eager", "inductor", "bound", "tdist"} and min(v.values()) > 0
+               for v in saved["burst_ms"].values())
 
 
 def test_the_noise_column_times_inductor_a_second_time(job):
