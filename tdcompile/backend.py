@@ -205,8 +205,10 @@ def measured_sequence_parallel(graph: fx.Graph, opts: Options, decide, gemm_us=N
     outside any match, so their time alone (``gemm_us(match, may_measure)``: the measured ``gemm``
     key, cuBLAS without the gather) is taken off: what is compared is the communication each form
     adds. A match (or such a GEMM) not in the table makes the comparison impossible: all_reduce
-    stays. The rest of the graph (row-local ops on 1/W of the rows under SP) is not counted,
-    which only favours keeping all_reduce."""
+    stays. An all-reduce that an RMSNorm fusion claims saves more than its GEMM/all-reduce match
+    says (``rmsnorm_savings``): that is taken off the all_reduce form. The rest of the graph
+    (row-local ops on 1/W of the rows under SP) is not counted, which only favours keeping
+    all_reduce."""
     import copy
 
     try:
@@ -219,17 +221,21 @@ def measured_sequence_parallel(graph: fx.Graph, opts: Options, decide, gemm_us=N
     gemm_us = gemm_us or _measured_gemm_us
 
     def total(g, may_measure):
-        t = 0.0
+        t, others = 0.0, []
         for m in _graph_matches(g):
             d = decide(m, may_measure)
             if d.choice not in d.decision.candidates_us:
                 return None, m
             t += d.decision.candidates_us[d.choice]
+            others.append(d)
             if m.pattern == "all_gather_gemm":      # its GEMMs: outside every match of the other form
                 alone = gemm_us(m, may_measure)
                 if alone is None:
                     return None, m
                 t -= alone
+        rms = find_all_reduce_rmsnorm_matches(g)    # the all_reduce form's norm fusions (none under SP)
+        t -= rmsnorm_savings([decide(m, may_measure) for m in rms + find_gemm_all_reduce_rmsnorm_matches(rms)],
+                             others)
         return t, None
 
     base, miss = total(graph, True)
@@ -330,6 +336,19 @@ CLOSE_GAIN = 0.9
 one's.  The gains are measured against each op's own ``unfused`` (the RMSNorm op's NCCL reduces
 a copy of its input, the GEMM op's the GEMM output in place), so gains a few percent apart do not
 tell the two apart; the larger fusion also removes a kernel boundary the table does not price."""
+
+
+def rmsnorm_savings(rms: list, others: list) -> float:
+    """Microseconds the RMSNorm fusions (``rms``: decided ``all_reduce_rmsnorm`` /
+    ``gemm_all_reduce_rmsnorm`` matches) save beyond the decided GEMM / all-reduce matches
+    (``others``) of the same all-reduces: per all-reduce, the best fused RMSNorm gain minus the
+    other match's gain, when larger. Only measured (or predicted) gains count."""
+    other_gain = {d.match.ar: _gain(d) for d in others if getattr(d.match, "ar", None) is not None}
+    best: dict = {}
+    for d in rms:
+        if d.choice != "unfused":
+            best[d.match.ar] = max(best.get(d.match.ar, 0.0), _gain(d))
+    return sum(max(0.0, g - other_gain.get(ar, 0.0)) for ar, g in best.items())
 
 
 def _one_claim_per_all_reduce(rms: list, others: list) -> list:

@@ -242,6 +242,27 @@ def test_an_all_reduce_claimed_three_ways_goes_to_the_largest_fusion_whose_gain_
     assert claim(150.0) == ["gemm_all_reduce_rmsnorm"]
 
 
+def test_sequence_parallel_costing_counts_what_the_rmsnorm_fusions_save_beyond_the_gemm_match():
+    """The all_reduce form's cost is its GEMM / all-reduce matches' times, less what an RMSNorm
+    fusion of the same all-reduce saves beyond them (``backend.rmsnorm_savings``)."""
+    from types import SimpleNamespace as NS
+    from tdcompile.backend import rmsnorm_savings
+    from tdcompile.cost_model import Decision
+    from tdcompile.passes.match import Decided
+
+    def decided(pattern, ar, choice, unfused, fused):
+        return Decided(NS(pattern=pattern, ar=ar), Decision(choice, {"unfused": unfused, choice: fused}, "", "cached"))
+
+    others = [decided("gemm_all_reduce", "ar0", "fused:one_shot", 100.0, 90.0),     # saves 10
+              decided("gemm_all_reduce", "ar1", "unfused", 100.0, 100.0)]          # saves 0
+    rms = [decided("all_reduce_rmsnorm", "ar0", "fused:one_shot", 60.0, 30.0),     # ar0: 30 > 10 -> +20
+           decided("gemm_all_reduce_rmsnorm", "ar0", "fused:one_shot", 160.0, 125.0),   # 35 -> +25 (best)
+           decided("all_reduce_rmsnorm", "ar1", "unfused", 60.0, 55.0),            # not chosen: nothing
+           decided("all_reduce_rmsnorm", "ar2", "fused:lamport", 20.0, 8.0)]       # no GEMM match: +12
+    assert rmsnorm_savings(rms, others) == pytest.approx(25.0 + 12.0)
+    assert rmsnorm_savings([], others) == 0.0
+
+
 def _sp_toy_gathered(x, w1, w2):                                # x [M, K]: an MLP-like block
     import torch.distributed as dist
     import torch.distributed._functional_collectives as funcol
