@@ -163,8 +163,8 @@ class TdistPass(CustomGraphPass):
         here = os.path.dirname(__file__)
         files = [os.path.join(here, "passes", f) for f in sorted(os.listdir(os.path.join(here, "passes")))
                  if f.endswith(".py")]
-        files += [os.path.join(here, f) for f in ("backend.py", "claims.py", "cost_model.py", "measured.py", "config.py",
-                                                 "ops/library.py")]
+        files += [os.path.join(here, f) for f in ("backend.py", "claims.py", "cost_model.py", "measured.py",
+                                                 "config.py", "ops/library.py")]
         h = get_hash_for_files(tuple(files)).hex()
         return f"{h}-{self.options!r}-{self.profile!r}-{_table_digest()}"
 
