@@ -48,7 +48,7 @@ from tdcompile.passes.all_reduce import find_all_reduce_matches
 from tdcompile.passes.gemm_all_reduce_rmsnorm import find_gemm_all_reduce_rmsnorm_matches
 from tdcompile.passes.gemm_reduce_scatter import find_gemm_reduce_scatter_matches
 from tdcompile.passes.match import Decided
-from tdcompile.claims import CLOSE_GAIN, COVERS, _gain, _one_claim_per_all_reduce, rmsnorm_savings  # noqa: F401
+from tdcompile.claims import one_claim_per_all_reduce, rmsnorm_savings
 from tdcompile.passes.normalize import normalize
 from tdcompile.report import Report
 
@@ -135,7 +135,7 @@ class TdistPass(CustomGraphPass):
         rms_matches = find_all_reduce_rmsnorm_matches(graph)
         rms = [decide(m) for m in rms_matches + find_gemm_all_reduce_rmsnorm_matches(rms_matches)]
         others = [decide(m) for m in _graph_matches(graph)]
-        decided = _one_claim_per_all_reduce(rms, others)
+        decided = one_claim_per_all_reduce(rms, others)
         report = Report(matches=decided, graph_decisions=[(gid, sp)])
         self._dump_text(gid, "03.match.txt", str(report))
 

@@ -40,7 +40,7 @@ def rmsnorm_savings(rms: list, others: list) -> float:
     return sum(max(0.0, g - other_gain.get(ar, 0.0)) for ar, g in best.items())
 
 
-def _one_claim_per_all_reduce(rms: list, others: list) -> list:
+def one_claim_per_all_reduce(rms: list, others: list) -> list:
     """An all_reduce matched several ways (``gemm_all_reduce_rmsnorm``, ``all_reduce_rmsnorm``,
     ``gemm_all_reduce`` / ``all_reduce``), with more than one decided fused, goes to one of them:
     the one covering most of the graph (``COVERS``) among those whose gain is within

@@ -204,7 +204,7 @@ def test_a_family_that_fails_on_one_rank_is_disabled_on_every_rank(two_rank_resu
 
 def test_an_all_reduce_claimed_twice_goes_to_the_decision_that_saves_more():
     from types import SimpleNamespace as NS
-    from tdcompile.backend import _one_claim_per_all_reduce
+    from tdcompile.claims import one_claim_per_all_reduce
     from tdcompile.cost_model import Decision
     from tdcompile.passes.match import Decided
 
@@ -214,7 +214,7 @@ def test_an_all_reduce_claimed_twice_goes_to_the_decision_that_saves_more():
     gemm = decided("gemm_all_reduce", "ar0", "fused:one_shot", {"unfused": 70.6, "fused:one_shot": 54.7})
     rms = decided("all_reduce_rmsnorm", "ar0", "fused:one_shot", {"unfused": 20.9, "fused:one_shot": 15.1})
     lone = decided("all_reduce_rmsnorm", "ar1", "fused:one_shot", {"unfused": 20.9, "fused:one_shot": 15.1})
-    out = _one_claim_per_all_reduce([rms, lone], [gemm])
+    out = one_claim_per_all_reduce([rms, lone], [gemm])
     assert {id(d) for d in out} == {id(gemm), id(rms), id(lone)}
     assert gemm.choice == "fused:one_shot" and lone.choice == "fused:one_shot"        # 15.9 us > 5.8 us saved
     assert rms.choice == "unfused" and "goes to gemm_all_reduce (fused:one_shot): which saves" in rms.reason
@@ -222,7 +222,7 @@ def test_an_all_reduce_claimed_twice_goes_to_the_decision_that_saves_more():
 
 def test_an_all_reduce_claimed_three_ways_goes_to_the_largest_fusion_whose_gain_is_close_to_the_best():
     from types import SimpleNamespace as NS
-    from tdcompile.backend import CLOSE_GAIN, _one_claim_per_all_reduce
+    from tdcompile.claims import CLOSE_GAIN, one_claim_per_all_reduce
     from tdcompile.cost_model import Decision
     from tdcompile.passes.match import Decided
 
@@ -234,7 +234,7 @@ def test_an_all_reduce_claimed_three_ways_goes_to_the_largest_fusion_whose_gain_
         gar = decided("gemm_all_reduce", "fused:one_shot", {"unfused": 900.0, "fused:one_shot": 810.0})
         grms = decided("gemm_all_reduce_rmsnorm", "fused:one_shot",
                        {"unfused": 1000.0, "fused:one_shot": 1000.0 - grms_gain})
-        _one_claim_per_all_reduce([rms, grms], [gar])
+        one_claim_per_all_reduce([rms, grms], [gar])
         return [d.pattern for d in (rms, gar, grms) if d.choice != "unfused"]
 
     assert claim(100.0 * CLOSE_GAIN + 1) == ["gemm_all_reduce_rmsnorm"]      # close to the best: covers more
@@ -244,9 +244,9 @@ def test_an_all_reduce_claimed_three_ways_goes_to_the_largest_fusion_whose_gain_
 
 def test_sequence_parallel_costing_counts_what_the_rmsnorm_fusions_save_beyond_the_gemm_match():
     """The all_reduce form's cost is its GEMM / all-reduce matches' times, less what an RMSNorm
-    fusion of the same all-reduce saves beyond them (``backend.rmsnorm_savings``)."""
+    fusion of the same all-reduce saves beyond them (``claims.rmsnorm_savings``)."""
     from types import SimpleNamespace as NS
-    from tdcompile.backend import rmsnorm_savings
+    from tdcompile.claims import rmsnorm_savings
     from tdcompile.cost_model import Decision
     from tdcompile.passes.match import Decided
 

@@ -26,7 +26,7 @@ After::
     new_s  = op[1]          # replaces s
 
 The same all-reduce is also an ``all_reduce_rmsnorm`` match and a ``gemm_all_reduce`` match;
-the backend gives it to one of them (``backend._one_claim_per_all_reduce``).
+the backend gives it to one of them (``claims.one_claim_per_all_reduce``).
 """
 from __future__ import annotations
 
