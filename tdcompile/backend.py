@@ -106,7 +106,7 @@ class TdistPass(CustomGraphPass):
         def decide(m, may_measure: bool = True) -> Decided:
             mm, n, k = m.mnk()
             if on_gpu and opts.strategy == "auto" and mm is not None:
-                return Decided(m, decide_measured(m, may_measure), graph_id=gid)
+                return Decided(m, decide_measured(m, may_measure, opts.margin), graph_id=gid)
             table = measured.table(m.world_size) if on_gpu else None
             d = cost_model.decide(m.pattern, m=mm, n=n, k=k, world_size=m.world_size, dtype=m.dtype,
                                   strategy=opts.strategy, profile=self.profile, table=table)
@@ -256,10 +256,11 @@ def measured_sequence_parallel(graph: fx.Graph, opts: Options, decide, gemm_us=N
                                           "measured table, or its GEMM alone; `tdcompile calibrate --sp` measures "
                                           "them): keeping all_reduce")
     times = {"all_reduce": round(base, 1), "sequence_parallel": round(sp_t, 1)}
-    if sp_t < base * (1 - measured.TIE):
+    margin = measured.TIE if opts.margin is None else opts.margin
+    if sp_t < base * (1 - margin):
         return Decision("sequence_parallel", times, f"measured matches {base / sp_t:.2f}x faster with sequence "
                                                     "parallel", source="measured table")
-    return Decision("all_reduce", times, f"sequence parallel not measured more than {measured.TIE:.0%} faster",
+    return Decision("all_reduce", times, f"sequence parallel not measured more than {margin:.0%} faster",
                     source="measured table")
 
 
@@ -286,11 +287,11 @@ Others (``all_reduce_rmsnorm``, ``gemm_all_reduce_rmsnorm``: Inductor fuses add 
 kernel) stay unrewritten."""
 
 
-def decide_measured(m, may_measure: bool = True) -> Decision:
+def decide_measured(m, may_measure: bool = True, margin: Optional[float] = None) -> Decision:
     """The decision of a static-M match on a GPU under ``auto``, made while compiling and agreed by
     every rank (a collective per key and process): the measured table's entry; a key missing from
     it, or measured with code changed since, is measured now, all ranks together
-    (``may_measure=False``: kept unfused instead). Never ``"auto"``: a graph either runs a
+    (``may_measure=False``: kept unfused instead); ``margin``: ``Options.margin``. Never ``"auto"``: a graph either runs a
     candidate that won a measurement or Inductor's own code.
 
     Every rank runs this pass because ``TdistPass.uuid()`` keeps such compiles out of Inductor's
@@ -304,7 +305,7 @@ def decide_measured(m, may_measure: bool = True) -> Decision:
     if times is None or "unfused" not in times:
         why = "first compiled inside a CUDA-graph capture" if capturing else "not measured for this costing"
         return Decision("unfused", {}, f"{key.id()} is not in the measured table ({why}): keeping Inductor's code")
-    choice, why = measured.choose({c: t for c, t in times.items() if c in cands or c == "unfused"}, key.m)
+    choice, why = measured.choose({c: t for c, t in times.items() if c in cands or c == "unfused"}, key.m, margin)
     return Decision(choice, {c: round(t, 1) for c, t in times.items()}, why, source=source)
 
 

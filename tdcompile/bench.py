@@ -155,7 +155,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--columns", default=",".join(COLUMNS),
                    help="comma-separated columns: eager, inductor, async_tp, bound, tdist, inductor_again (Inductor "
                         "compiled twice: the noise of this run), tdist:sp (the sequence-parallel form forced, "
-                        "each match decided as in tdist), or tdist:<strategy> "
+                        "each match decided as in tdist), tdist:margin<percent> (auto with that margin: "
+                        "Options.margin), or tdist:<strategy> "
                         f"to force one (default {','.join(COLUMNS)})")
     p.add_argument("--cases", default=None, help="comma-separated substrings (or '=name' for an exact name); "
                                                  "keep only matching cases")

@@ -87,6 +87,8 @@ def compiler(column: str, args):
         return "tdist", {**tdist_options(args), "strategy": "bound"}
     if column == "tdist:sp":          # the sequence-parallel form forced, every match decided as tdist's
         return "tdist", {**tdist_options(args), "sequence_parallel": "always"}
+    if column.startswith("tdist:margin"):   # e.g. "tdist:margin5": auto with a 5% margin (Options.margin)
+        return "tdist", {**tdist_options(args), "margin": float(column[len("tdist:margin"):]) / 100}
     if column.startswith("tdist:"):   # one strategy forced, e.g. "tdist:sequence_parallel"
         return "tdist", {**tdist_options(args), "strategy": column.split(":", 1)[1]}
     if column == "async_tp":

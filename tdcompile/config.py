@@ -77,6 +77,12 @@ class Options:
     each match still decided by ``strategy`` (e.g. ``auto``: measured); ``"never"``. Ignored by
     ``strategy="unfused"`` (nothing is rewritten) and ``"bound"``."""
 
+    margin: Optional[float] = None
+    """The fraction by which a measured candidate must beat ``unfused`` to be chosen under
+    ``auto`` while compiling on a GPU, at every M, and by which the sequence-parallel form must
+    beat the all_reduce form. None: ``measured.tie(M)``, the default margins that measurements
+    have supported end to end. An experiment knob (bench column ``tdist:margin<percent>``)."""
+
     @staticmethod
     def from_mapping(options: Optional[Mapping[str, Any]]) -> "Options":
         """Validate ``options`` (the dict given to ``torch.compile``) and build ``Options``."""
@@ -103,6 +109,10 @@ class Options:
         rows = o.get("min_sp_rows", 0)
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
             raise ValueError(f"tdist: option 'min_sp_rows' must be an int >= 0, got {rows!r}")
+        margin = o.get("margin")
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                                   or not 0 <= margin < 0.5):
+            raise ValueError(f"tdist: option 'margin' must be None or a fraction in [0, 0.5), got {margin!r}")
         if o.get("profile") is not None:
             from tdcompile.cost_model import DeviceProfile
             DeviceProfile.load(o["profile"])        # raises ValueError naming the shipped profiles

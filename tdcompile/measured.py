@@ -148,10 +148,10 @@ class Key:
         return Key(op, int(n[2:]), int(k[2:]), dtype, int(w[2:]), int(m[2:]))
 
 
-def choose(times: dict, m: Optional[int] = None) -> tuple[str, str]:
-    """(impl, why) from ``{impl: us}``: the fastest, unless it beats unfused by <= ``tie(m)``
-    (``m``: the key's M bucket; None = unknown, the large-M margin)."""
-    margin = tie(m)
+def choose(times: dict, m: Optional[int] = None, margin: Optional[float] = None) -> tuple[str, str]:
+    """(impl, why) from ``{impl: us}``: the fastest, unless it beats unfused by <= ``margin``
+    (None: ``tie(m)``; ``m``: the key's M bucket; None = unknown, the large-M margin)."""
+    margin = tie(m) if margin is None else margin
     ok = {c: t for c, t in times.items() if t is not None and math.isfinite(t)}
     if "unfused" not in ok:
         return "unfused", "unfused was not measured: keeping it"

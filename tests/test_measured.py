@@ -51,6 +51,17 @@ def test_decode_sized_rows_take_a_smaller_win():
     assert measured.tie(measured.SMALL_M) == measured.TIE_SMALL and measured.tie(measured.SMALL_M * 2) == measured.TIE
 
 
+def test_an_explicit_margin_replaces_the_default_at_every_m():
+    """``Options.margin`` (bench column ``tdist:margin5``): 0.852x is taken at a 5% margin and
+    kept unfused at the default large-M one; 0.97x stays unfused at 5% too."""
+    o_proj = {"unfused": 389.1, "gemm_rms": 331.5}                   # 0.852x, M=4096, 4xH200
+    assert choose(o_proj, 4096)[0] == "unfused"
+    assert choose(o_proj, 4096, margin=0.05)[0] == "gemm_rms"
+    assert choose(o_proj, 128, margin=0.20)[0] == "unfused"                  # larger than TIE_SMALL, too
+    assert choose({"unfused": 100.0, "fused": 97.0}, 4096, margin=0.05)[0] == "unfused"
+    assert choose({"unfused": 100.0, "fused": 97.0}, 4096, margin=0.0)[0] == "fused"
+
+
 def test_a_saved_table_loads_back_only_for_the_same_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("TDCOMPILE_CACHE_DIR", str(tmp_path))
     t = measured.Table(ENV)
@@ -278,7 +289,7 @@ def _sp_toy(x, w1, w2):                                          # x [M, K]
     return funcol.all_reduce(torch.mm(torch.relu(h), w2), "sum", dist.group.WORLD)
 
 
-def _sp_decision(times_of, gemm_of=lambda mnk: 0.0, toy=None):
+def _sp_decision(times_of, gemm_of=lambda mnk: 0.0, toy=None, margin=None):
     """measured_sequence_parallel on the toy graph, with a table given by ``times_of(pattern, mnk)``
     and an all_gather_gemm's GEMM alone by ``gemm_of(mnk)`` (None: not measured)."""
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -293,7 +304,7 @@ def _sp_decision(times_of, gemm_of=lambda mnk: 0.0, toy=None):
             return Decided(m, Decision("auto", {}, "not measured"))
         return Decided(m, Decision(measured.choose(t)[0], t, "", "cached"))
     gm = make_fx(toy or _sp_toy, tracing_mode="fake")(torch.randn(64, 32), torch.randn(32, 16), torch.randn(16, 32))
-    return measured_sequence_parallel(gm.graph, Options(strategy="auto"), decide,
+    return measured_sequence_parallel(gm.graph, Options(strategy="auto", margin=margin), decide,
                                       gemm_us=lambda m, may_measure: gemm_of(m.mnk()))
 
 
@@ -307,6 +318,15 @@ def test_on_a_gpu_sequence_parallel_is_chosen_only_when_measured_faster(fake_pg,
     # the all_reduce form: 2 gemm_all_reduce at 10 us; the SP form: every match at sp_us
     d = _sp_decision(lambda p, mnk: {"unfused": 10.0} if p == "gemm_all_reduce" else {"unfused": sp_us})
     assert d.choice == expected and d.candidates_us["all_reduce"] == 20.0
+
+
+def test_the_margin_option_also_sets_how_much_faster_sequence_parallel_must_be(fake_pg):
+    # all_reduce form 20 us; SP form 2 x 8.75 = 17.5 us (0.875x): inside 15%, outside 5%
+    def times_of(p, mnk):
+        return {"unfused": 10.0} if p == "gemm_all_reduce" else {"unfused": 8.75}
+    assert _sp_decision(times_of).choice == "all_reduce"
+    d = _sp_decision(times_of, margin=0.05)
+    assert d.choice == "sequence_parallel" and d.candidates_us == {"all_reduce": 20.0, "sequence_parallel": 17.5}
 
 
 def test_sequence_parallel_is_costed_by_the_communication_each_form_adds(fake_pg):

@@ -48,6 +48,22 @@ def test_unknown_strategy_is_rejected():
     assert Options.from_mapping({"sequence_parallel": "always"}).sequence_parallel == "always"
 
 
+@pytest.mark.parametrize("bad", [-0.1, 0.5, "5%", True])
+def test_margin_is_none_or_a_fraction_below_one_half(bad):
+    assert Options.from_mapping({"margin": 0.05}).margin == 0.05
+    assert Options.from_mapping({}).margin is None
+    with pytest.raises(ValueError, match="margin"):
+        Options.from_mapping({"margin": bad})
+
+
+def test_bench_column_tdist_margin_sets_the_margin_option():
+    from argparse import Namespace
+
+    from tdcompile.bench_cases import compiler
+    backend, options = compiler("tdist:margin5", Namespace(strategy="auto", profile=None))
+    assert backend == "tdist" and options["margin"] == 0.05 and Options.from_mapping(options).margin == 0.05
+
+
 def test_torch_compile_with_an_unknown_option_fails_and_names_it(fake_pg):
     torch._dynamo.reset()
     fn = torch.compile(lambda x: x + 1, backend="tdist", options={"bogus": 1})
