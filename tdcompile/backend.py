@@ -38,7 +38,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 import tdcompile.ops  # noqa: F401  (registers torch.ops.tdist.*)
 from tdcompile import cost_model
-from tdcompile.config import Options
+from tdcompile.config import Options, in_cuda_graphed
 from tdcompile import measured
 from tdcompile.cost_model import Decision
 from tdcompile.passes import bound, sequence_parallel
@@ -102,11 +102,12 @@ class TdistPass(CustomGraphPass):
             return True
         stage[0] = "02 sequence_parallel"
         on_gpu = _on_gpu()
+        graphed = opts.cuda_graphs if opts.cuda_graphs is not None else in_cuda_graphed()
 
         def decide(m, may_measure: bool = True) -> Decided:
             mm, n, k = m.mnk()
             if on_gpu and opts.strategy == "auto" and mm is not None:
-                return Decided(m, decide_measured(m, may_measure, opts.margin), graph_id=gid)
+                return Decided(m, decide_measured(m, may_measure, opts.margin, not graphed), graph_id=gid)
             table = measured.table(m.world_size) if on_gpu else None
             d = cost_model.decide(m.pattern, m=mm, n=n, k=k, world_size=m.world_size, dtype=m.dtype,
                                   strategy=opts.strategy, profile=self.profile, table=table)
@@ -287,11 +288,14 @@ Others (``all_reduce_rmsnorm``, ``gemm_all_reduce_rmsnorm``: Inductor fuses add 
 kernel) stay unrewritten."""
 
 
-def decide_measured(m, may_measure: bool = True, margin: Optional[float] = None) -> Decision:
+def decide_measured(m, may_measure: bool = True, margin: Optional[float] = None,
+                    charge_host: bool = True) -> Decision:
     """The decision of a static-M match on a GPU under ``auto``, made while compiling and agreed by
     every rank (a collective per key and process): the measured table's entry; a key missing from
     it, or measured with code changed since, is measured now, all ranks together
-    (``may_measure=False``: kept unfused instead); ``margin``: ``Options.margin``. Never ``"auto"``: a graph either runs a
+    (``may_measure=False``: kept unfused instead); ``margin``: ``Options.margin``; ``charge_host``:
+    the graph runs un-graphed, so host time beyond unfused's counts (``measured.effective``; the
+    decision's ``candidates_us`` are those effective times). Never ``"auto"``: a graph either runs a
     candidate that won a measurement or Inductor's own code.
 
     Every rank runs this pass because ``TdistPass.uuid()`` keeps such compiles out of Inductor's
@@ -305,8 +309,12 @@ def decide_measured(m, may_measure: bool = True, margin: Optional[float] = None)
     if times is None or "unfused" not in times:
         why = "first compiled inside a CUDA-graph capture" if capturing else "not measured for this costing"
         return Decision("unfused", {}, f"{key.id()} is not in the measured table ({why}): keeping Inductor's code")
-    choice, why = measured.choose({c: t for c, t in times.items() if c in cands or c == "unfused"}, key.m, margin)
-    return Decision(choice, {c: round(t, 1) for c, t in times.items()}, why, source=source)
+    mine = {c: t for c, t in times.items() if c in cands or c in ("unfused", measured.HOST + "unfused")}
+    choice, why = measured.choose(mine, key.m, margin, charge_host)
+    eff = measured.effective(mine, charge_host)
+    if charge_host and eff != measured.device_times(mine):
+        why += " (un-graphed: host time beyond unfused's charged)"
+    return Decision(choice, {c: round(t, 1) for c, t in eff.items()}, why, source=source)
 
 
 def _agreed_times(key: measured.Key, m, may_measure: bool) -> tuple:

@@ -72,7 +72,8 @@ def fill_table(keys: list, group_name: str, say=print, reuse: bool = False) -> d
         times, source = measure.agreed(key, group_name, fresh=not reuse)
         out[key.id()] = (times, source)
         best, why = measured.choose(times, key.m)
-        say(f"[calibrate] {i + 1}/{len(keys)} {key.id():58s} {source:8s} -> {best:18s} "
+        graphed = measured.choose(times, key.m, charge_host=False)[0]
+        say(f"[calibrate] {i + 1}/{len(keys)} {key.id():58s} {source:8s} -> {best} (graphed: {graphed}) "
             + " ".join(f"{c}={t:.1f}" for c, t in times.items()), flush=True)
     return out
 
@@ -100,17 +101,21 @@ def fit_nccl(entries: dict, profile: DeviceProfile) -> dict:
 def kernel_results(entries: dict) -> list:
     """The measured entries as kernel-bench rows: op, M, N, K, unfused_us, fused_us (the best
     non-unfused candidate), which one, the auto choice, and every candidate's us."""
-    from tdcompile.measured import Key, choose
+    from tdcompile.measured import HOST, Key, choose, device_times
     rows = []
-    for kid, (times, source) in sorted(entries.items()):
+    for kid, (all_times, source) in sorted(entries.items()):
         k = Key.parse(kid)
+        times = device_times(all_times)
         fused = {c: t for c, t in times.items() if c != "unfused" and t != float("inf")}
         best = min(fused, key=fused.get) if fused else None
         rows.append({"op": k.op, "M": k.m, "N": k.n, "K": k.k, "dtype": k.dtype, "world": k.world,
                      "unfused_us": round(times.get("unfused", float("nan")), 1),
                      "fused_us": round(fused[best], 1) if best else None, "fused_impl": best,
-                     "auto_choice": choose(times, k.m)[0], "source": source,
-                     "candidates_us": {c: (round(t, 1) if t != float("inf") else "failed") for c, t in times.items()}})
+                     "auto_choice": choose(all_times, k.m)[0],
+                     "auto_choice_graphed": choose(all_times, k.m, charge_host=False)[0], "source": source,
+                     "candidates_us": {c: (round(t, 1) if t != float("inf") else "failed") for c, t in times.items()},
+                     "host_us": {c[len(HOST):]: (round(t, 1) if t != float("inf") else "failed")
+                                 for c, t in all_times.items() if c.startswith(HOST)}})
     return rows
 
 

@@ -17,8 +17,10 @@ An IMPL is ``family`` or ``family:variant``:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -83,6 +85,13 @@ class Options:
     beat the all_reduce form. None: ``measured.tie(M)``, the default margins that measurements
     have supported end to end. An experiment knob (bench column ``tdist:margin<percent>``)."""
 
+    cuda_graphs: Optional[bool] = None
+    """Whether the compiled graphs are replayed in CUDA graphs. True: ``auto`` compares device
+    times only. False: it also charges each candidate the host time it takes beyond unfused's
+    (``measured.effective``), which an un-graphed graph whose CPU is the bottleneck pays. None:
+    True for graphs first compiled inside ``cuda_graphed()`` (``Engine``'s decode steps, anything
+    ``engine.Graphed`` captures), else False."""
+
     @staticmethod
     def from_mapping(options: Optional[Mapping[str, Any]]) -> "Options":
         """Validate ``options`` (the dict given to ``torch.compile``) and build ``Options``."""
@@ -109,6 +118,8 @@ class Options:
         rows = o.get("min_sp_rows", 0)
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
             raise ValueError(f"tdist: option 'min_sp_rows' must be an int >= 0, got {rows!r}")
+        if o.get("cuda_graphs") is not None and not isinstance(o["cuda_graphs"], bool):
+            raise ValueError(f"tdist: option 'cuda_graphs' must be None, True or False, got {o['cuda_graphs']!r}")
         margin = o.get("margin")
         if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
                                    or not 0 <= margin < 0.5):
@@ -117,3 +128,22 @@ class Options:
             from tdcompile.cost_model import DeviceProfile
             DeviceProfile.load(o["profile"])        # raises ValueError naming the shipped profiles
         return Options(**o)
+
+
+_GRAPHED = threading.local()
+
+
+@contextlib.contextmanager
+def cuda_graphed():
+    """Graphs compiled inside this block will be replayed in CUDA graphs (``Options.cuda_graphs``
+    None): wrap the warm-up call that compiles a function you then capture."""
+    _GRAPHED.depth = getattr(_GRAPHED, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _GRAPHED.depth -= 1
+
+
+def in_cuda_graphed() -> bool:
+    """Whether the current thread is inside ``cuda_graphed()``."""
+    return getattr(_GRAPHED, "depth", 0) > 0

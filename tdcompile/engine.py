@@ -17,6 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
+from tdcompile.config import cuda_graphed
+
 BACKENDS = ("eager", "inductor", "tdist")
 
 
@@ -83,8 +85,8 @@ class Graphed:
         reset = reset or (lambda: None)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # compile / autotune / NCCL warm-up off the capture
-            for _ in range(warmup):
+        with torch.cuda.stream(stream), cuda_graphed():  # compile / autotune / NCCL warm-up off the
+            for _ in range(warmup):                     # capture; tdist decides for a graphed replay
                 fn(*self.inputs)
                 reset()
         torch.cuda.current_stream().wait_stream(stream)

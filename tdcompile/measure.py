@@ -27,6 +27,8 @@ REPEAT = 8
 """Calls captured per CUDA graph."""
 REPLAYS = 15
 """Timed graph replays (after 3 untimed ones)."""
+HOST_CALLS = 10
+"""Un-graphed calls per host-time round (``host_us``)."""
 
 CANDIDATES = {
     "all_reduce": ["unfused", "fused:one_shot", "fused:two_shot", "fused:lamport", "fused:lamport2",
@@ -54,11 +56,15 @@ def candidates(op: str) -> list:
     """``CANDIDATES[op]`` minus those named in ``TDCOMPILE_SKIP_CANDIDATES``: comma-separated impls
     (``fused:lamport`` skips it for every op) or ``op/impl`` (``all_reduce_rmsnorm/fused:lamport``
     for one op).  Set it the same on every rank (torchrun passes the environment to all of them);
-    ``unfused`` is always kept."""
+    ``unfused`` is always kept. Each is followed by its host-time entry (``measured.HOST``), except
+    for ``gemm`` (cuBLAS alone: a device-time reference)."""
     import os
     skip = {c.strip() for c in os.environ.get("TDCOMPILE_SKIP_CANDIDATES", "").split(",")}
-    return [c for c in CANDIDATES.get(op, ["unfused"])
-            if c == "unfused" or (c not in skip and f"{op}/{c}" not in skip)]
+    impls = [c for c in CANDIDATES.get(op, ["unfused"])
+             if c == "unfused" or (c not in skip and f"{op}/{c}" not in skip)]
+    if op == "gemm":
+        return impls
+    return [n for c in impls for n in (c, measured.HOST + c)]
 
 
 def _inputs(key: measured.Key, rank: int) -> tuple:
@@ -140,6 +146,22 @@ def graph_us(fn, repeat: int = REPEAT, replays: int = REPLAYS) -> float:
     return statistics.median(times)
 
 
+def host_us(fn, calls: int = HOST_CALLS, rounds: int = 3) -> float:
+    """Microseconds of host time per call of ``fn`` run un-graphed: ``calls`` back-to-back calls
+    issued with no synchronisation in between (the GPU queue absorbs them), best of ``rounds``."""
+    torch.cuda.synchronize()
+    fn()
+    torch.cuda.synchronize()
+    best = math.inf
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t) / calls)
+        torch.cuda.synchronize()
+    return best * 1e6
+
+
 def agreed(key: measured.Key, group_name: str, *, fresh: bool = False, may_measure: bool = True) -> tuple:
     """``measured.agreed_times`` of ``key`` with this module's candidates, measuring what every rank
     lacks with ``measure_key`` (``may_measure=False``: look up only); a collective."""
@@ -167,6 +189,8 @@ def _measure_key(key: measured.Key, group_name: str, only, t0: float) -> dict:
 
     rank = dist.get_rank(measured._group(group_name))
     names = candidates(key.op) if only is None else only
+    H = measured.HOST
+    impls = list(dict.fromkeys(c[len(H):] if c.startswith(H) else c for c in names))
     try:                                   # e.g. out of memory: then no rank measures (none waits)
         args, why = _inputs(key, rank), ""
     except Exception as e:  # noqa: BLE001
@@ -176,7 +200,7 @@ def _measure_key(key: measured.Key, group_name: str, only, t0: float) -> dict:
         return {c: math.inf for c in names}
     expected = _call(key, "unfused", args, group_name)
     times = {}
-    for c in names:
+    for c in impls:
         ok, why = True, ""
         try:
             before = opc.RAN[(key.op, family(c))]
@@ -191,10 +215,13 @@ def _measure_key(key: measured.Key, group_name: str, only, t0: float) -> dict:
         except Exception as e:  # noqa: BLE001  (a candidate that cannot run is not chosen)
             ok, why = False, f"{type(e).__name__}: {str(e)[:200]}"
         if not measured.all_agree(ok, group_name):
-            times[c] = math.inf
+            times.update({n: math.inf for n in (c, H + c) if n in names})
             log.warning("tdist: %s: candidate %s not timed (%s)", key.id(), c, why or "failed on another rank")
             continue
-        times[c] = graph_us(lambda: _call(key, c, args, group_name))
+        if c in names:
+            times[c] = graph_us(lambda: _call(key, c, args, group_name))
+        if H + c in names:
+            times[H + c] = host_us(lambda: _call(key, c, args, group_name))
     log.info("tdist: measured %s in %.1f s: %s", key.id(), time.perf_counter() - t0,
              {c: round(t, 1) for c, t in times.items()})
     return times

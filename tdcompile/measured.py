@@ -67,6 +67,8 @@ _DIGESTS: dict[tuple, str] = {}
 
 def impl_files(op: str, impl: str) -> list[str]:
     """The package files (relative paths) whose code decides how fast ``impl`` runs ``op``."""
+    if impl.startswith(HOST):          # host time: the op's Python launch path decides it too
+        return sorted(set(impl_files(op, impl[len(HOST):]) + ["ops/cuda.py"]))
     fam, var = impl.split(":", 1)[0], (impl.split(":", 1)[1] if ":" in impl else "")
     rms = op in ("all_reduce_rmsnorm", "gemm_all_reduce_rmsnorm")
     if fam == "unfused":                   # NCCL + cuBLAS: covered by the torch version in the env,
@@ -148,11 +150,41 @@ class Key:
         return Key(op, int(n[2:]), int(k[2:]), dtype, int(w[2:]), int(m[2:]))
 
 
-def choose(times: dict, m: Optional[int] = None, margin: Optional[float] = None) -> tuple[str, str]:
-    """(impl, why) from ``{impl: us}``: the fastest, unless it beats unfused by <= ``margin``
-    (None: ``tie(m)``; ``m``: the key's M bucket; None = unknown, the large-M margin)."""
+HOST = "host:"
+"""Prefix of a table entry that holds a candidate's host time per call, ``"host:<impl>"``: the
+microseconds of Python and launches it takes un-graphed (``measure.host_us``). A device-time
+win that costs more host time than unfused loses in a graph whose CPU is the bottleneck: on
+4xH200 (2026-11-27, ``bench-h200-tp4-20261127-153912`` / ``-154427``) the sequence-parallel
+form, 0.85-0.92x at the device-time level, made the un-graphed E2E prefill 0.59-0.82x."""
+
+
+def device_times(times: dict) -> dict:
+    """``times`` without the ``HOST`` entries."""
+    return {c: t for c, t in times.items() if not c.startswith(HOST)}
+
+
+def effective(times: dict, charge_host: bool = True) -> dict:
+    """``{impl: us}`` a decision compares: the device time, plus (``charge_host``: the graph is
+    not replayed in a CUDA graph) the host time the candidate takes beyond ``unfused``'s, charged
+    in full, as a CPU-bound graph pays it. Candidates without host entries: device time only."""
+    dev = device_times(times)
+    hu = times.get(HOST + "unfused")
+    if not charge_host or hu is None or not math.isfinite(hu):
+        return dev
+    out = {}
+    for c, t in dev.items():
+        h = times.get(HOST + c)
+        out[c] = t + (max(0.0, h - hu) if h is not None and math.isfinite(h) else 0.0)
+    return out
+
+
+def choose(times: dict, m: Optional[int] = None, margin: Optional[float] = None,
+           charge_host: bool = True) -> tuple[str, str]:
+    """(impl, why) from ``{impl: us}`` (``HOST`` entries included): the fastest by ``effective``
+    time, unless it beats unfused by <= ``margin`` (None: ``tie(m)``; ``m``: the key's M bucket;
+    None = unknown, the large-M margin). ``charge_host=False``: under CUDA graphs."""
     margin = tie(m) if margin is None else margin
-    ok = {c: t for c, t in times.items() if t is not None and math.isfinite(t)}
+    ok = {c: t for c, t in effective(times, charge_host).items() if t is not None and math.isfinite(t)}
     if "unfused" not in ok:
         return "unfused", "unfused was not measured: keeping it"
     best = min(ok, key=ok.get)

@@ -356,9 +356,44 @@ def test_skipped_candidates_are_not_measured_but_unfused_always_is(monkeypatch):
     monkeypatch.setenv("TDCOMPILE_SKIP_CANDIDATES", "fused:lamport, unfused,symm_mem:two_shot")
     got = measure.candidates("all_reduce")
     assert "fused:lamport" not in got and "symm_mem:two_shot" not in got
-    assert got[0] == "unfused" and "fused:one_shot" in got
+    assert "host:fused:lamport" not in got                       # nor its host time
+    assert got[:2] == ["unfused", "host:unfused"] and "fused:one_shot" in got
     monkeypatch.delenv("TDCOMPILE_SKIP_CANDIDATES")
-    assert measure.candidates("all_reduce") == measure.CANDIDATES["all_reduce"]
+    assert [c for c in measure.candidates("all_reduce") if not c.startswith("host:")] == measure.CANDIDATES["all_reduce"]
+
+
+def test_every_candidate_is_measured_with_its_host_time_but_the_gemm_reference_is_not():
+    from tdcompile import measure
+    got = measure.candidates("gemm_reduce_scatter")
+    assert got == [n for c in measure.CANDIDATES["gemm_reduce_scatter"] for n in (c, "host:" + c)]
+    assert measure.candidates("gemm") == ["unfused"]
+
+
+def test_a_host_time_entry_is_keyed_by_the_candidates_files_and_the_op_launch_path():
+    files = measured.impl_files("all_gather_gemm", "host:fused:ce")
+    assert set(measured.impl_files("all_gather_gemm", "fused:ce")) <= set(files) and "ops/cuda.py" in files
+    assert measured.impl_files("all_reduce", "host:unfused") == ["ops/cuda.py"]
+
+
+# the SP form's AG-GEMM on 4xH200 (device us) with host times of the size that sank E2E prefill
+AG = {"unfused": 274.2, "fused:ce": 194.1, "host:unfused": 40.0, "host:fused:ce": 260.0}
+
+
+def test_un_graphed_a_candidate_pays_the_host_time_it_takes_beyond_unfused():
+    eff = measured.effective(AG)
+    assert eff == {"unfused": 274.2, "fused:ce": 194.1 + 220.0}
+    assert measured.effective(AG, charge_host=False) == {"unfused": 274.2, "fused:ce": 194.1}
+    assert choose(AG, 4096)[0] == "unfused"                                   # 414 vs 274: loses un-graphed
+    assert choose(AG, 4096, charge_host=False)[0] == "fused:ce"               # 0.71x: wins under CUDA graphs
+
+
+def test_host_time_below_unfused_is_not_credited_and_missing_host_times_charge_nothing():
+    cheap = {"unfused": 100.0, "fused": 80.0, "host:unfused": 50.0, "host:fused": 10.0}
+    assert measured.effective(cheap)["fused"] == 80.0
+    assert measured.effective({"unfused": 100.0, "fused": 80.0, "host:fused": 900.0})["fused"] == 80.0
+    assert measured.effective({**AG, "host:fused:ce": math.inf})["fused:ce"] == 194.1   # failed: device time only
+    assert "host:unfused" not in measured.effective(AG) and measured.device_times(AG) == {"unfused": 274.2,
+                                                                                          "fused:ce": 194.1}
 
 
 def test_a_candidate_can_be_skipped_for_one_op_only(monkeypatch):
@@ -417,3 +452,34 @@ def test_each_candidate_is_keyed_by_the_files_that_implement_it():
                      ("all_reduce_rmsnorm", "fused:lamport2"), ("all_reduce_rmsnorm", "unfused")]:
         for rel in files(op, impl):                                        # every named file exists
             assert _os.path.exists(_os.path.join(measured._PKG, rel)), rel
+
+
+def test_the_compile_time_decision_charges_host_time_unless_the_graph_is_cuda_graphed(monkeypatch):
+    """``backend.decide_measured``: the same agreed times give the AG-GEMM to ``fused:ce`` for a
+    graph that will be CUDA-graphed and keep Inductor's code for one that runs un-graphed; the
+    decision's times are the ones it compared."""
+    from types import SimpleNamespace
+
+    from tdcompile import backend
+    monkeypatch.setattr(backend, "_agreed_times", lambda key, m, may: (dict(AG), "cached", False))
+    m = SimpleNamespace(pattern="all_gather_gemm", dtype=torch.bfloat16, world_size=4, group_name="g",
+                        mnk=lambda: (4096, 2560, 5120))
+    graphed = backend.decide_measured(m, charge_host=False)
+    assert graphed.choice == "fused:ce" and graphed.candidates_us["fused:ce"] == 194.1
+    ungraphed = backend.decide_measured(m)
+    assert ungraphed.choice == "unfused" and ungraphed.candidates_us["fused:ce"] == 414.1
+    assert "host time" in ungraphed.reason
+
+
+def test_cuda_graphs_option_and_the_graphed_block():
+    from tdcompile.config import Options, cuda_graphed, in_cuda_graphed
+    assert Options.from_mapping({"cuda_graphs": True}).cuda_graphs is True
+    assert Options.from_mapping({}).cuda_graphs is None
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        Options.from_mapping({"cuda_graphs": "yes"})
+    assert not in_cuda_graphed()
+    with cuda_graphed():
+        with cuda_graphed():
+            assert in_cuda_graphed()
+        assert in_cuda_graphed()
+    assert not in_cuda_graphed()
