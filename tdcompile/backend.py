@@ -294,7 +294,7 @@ def decide_measured(m, may_measure: bool = True, margin: Optional[float] = None,
     every rank (a collective per key and process): the measured table's entry; a key missing from
     it, or measured with code changed since, is measured now, all ranks together
     (``may_measure=False``: kept unfused instead); ``margin``: ``Options.margin``; ``charge_host``:
-    the graph runs un-graphed, so host time beyond unfused's counts (``measured.effective``; the
+    the graph runs un-graphed, so a call costs at least its host time (``measured.effective``; the
     decision's ``candidates_us`` are those effective times). Never ``"auto"``: a graph either runs a
     candidate that won a measurement or Inductor's own code.
 
@@ -313,7 +313,7 @@ def decide_measured(m, may_measure: bool = True, margin: Optional[float] = None,
     choice, why = measured.choose(mine, key.m, margin, charge_host)
     eff = measured.effective(mine, charge_host)
     if charge_host and eff != measured.device_times(mine):
-        why += " (un-graphed: host time beyond unfused's charged)"
+        why += " (un-graphed: the larger of device and host time per call)"
     return Decision(choice, {c: round(t, 1) for c, t in eff.items()}, why, source=source)
 
 

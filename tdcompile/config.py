@@ -87,8 +87,8 @@ class Options:
 
     cuda_graphs: Optional[bool] = None
     """Whether the compiled graphs are replayed in CUDA graphs. True: ``auto`` compares device
-    times only. False: it also charges each candidate the host time it takes beyond unfused's
-    (``measured.effective``), which an un-graphed graph whose CPU is the bottleneck pays. None:
+    times only. False: it compares the larger of each candidate's device and host time per call
+    (``measured.effective``: an un-graphed call cannot end before it is issued). None:
     True for graphs first compiled inside ``cuda_graphed()`` (``Engine``'s decode steps, anything
     ``engine.Graphed`` captures), else False."""
 

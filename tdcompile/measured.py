@@ -152,10 +152,11 @@ class Key:
 
 HOST = "host:"
 """Prefix of a table entry that holds a candidate's host time per call, ``"host:<impl>"``: the
-microseconds of Python and launches it takes un-graphed (``measure.host_us``). A device-time
-win that costs more host time than unfused loses in a graph whose CPU is the bottleneck: on
-4xH200 (2026-11-27, ``bench-h200-tp4-20261127-153912`` / ``-154427``) the sequence-parallel
-form, 0.85-0.92x at the device-time level, made the un-graphed E2E prefill 0.59-0.82x."""
+microseconds of Python and launches it takes un-graphed (``measure.host_us``). An op whose host
+time exceeds the device time it saves loses in an un-graphed graph: on 4xH200 (2026-11-27,
+``bench-h200-tp4-20261127-153912`` / ``-154427``) the sequence-parallel form, 0.85-0.92x in
+device time, made the un-graphed E2E prefill 0.59-0.82x; its AG-GEMM / GEMM-RS calls take
+800-1000 us of host time each (``calibrate-h200-tp4-20261127-1553-host.json``)."""
 
 
 def device_times(times: dict) -> dict:
@@ -164,17 +165,24 @@ def device_times(times: dict) -> dict:
 
 
 def effective(times: dict, charge_host: bool = True) -> dict:
-    """``{impl: us}`` a decision compares: the device time, plus (``charge_host``: the graph is
-    not replayed in a CUDA graph) the host time the candidate takes beyond ``unfused``'s, charged
-    in full, as a CPU-bound graph pays it. Candidates without host entries: device time only."""
+    """``{impl: us}`` a decision compares: the device time, or (``charge_host``: the graph is not
+    replayed in a CUDA graph) the larger of the device and the host time per call -- a call
+    cannot end before it is issued, so an un-graphed op costs at least its host time.
+    ``unfused`` stays at its device time: choosing it leaves Inductor's own code in the graph,
+    whose host cost is lower than the ``tdist`` op's unfused path that ``host:unfused`` times
+    (122 us per all-reduce call on 2xH200; Inductor issues the same NCCL call from its wrapper).
+    Candidates without a host entry (or a failed one): device time only.
+
+    Not additive: device + the host time beyond unfused's would be right for a graph whose CPU is
+    always the bottleneck, and dropped the GEMM + all-reduce + RMSNorm op that gained un-graphed
+    E2E prefill 3-5% at TP=2 (host 230 us, device 360 us vs 437 unfused)."""
     dev = device_times(times)
-    hu = times.get(HOST + "unfused")
-    if not charge_host or hu is None or not math.isfinite(hu):
+    if not charge_host:
         return dev
     out = {}
     for c, t in dev.items():
         h = times.get(HOST + c)
-        out[c] = t + (max(0.0, h - hu) if h is not None and math.isfinite(h) else 0.0)
+        out[c] = max(t, h) if c != "unfused" and h is not None and math.isfinite(h) else t
     return out
 
 
