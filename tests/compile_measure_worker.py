@@ -31,8 +31,10 @@ def main(rank: int, port: int, cache: str, scenario: str) -> dict:
         t = torch.ones(1)
         joined = (not isinstance(t, FakeTensor)) and dist.all_reduce(t, group=dist.group.WORLD) is None
         calls.append({"key": key.id(), "only": only, "real": joined, "ranks": float(t)})
-        fused = 4.0 if scenario == "fused_wins" else 9.5
+        fused = 9.5 if scenario == "tie" else 4.0
         times = {"unfused": 10.0 + rank, "fused:one_shot": fused + rank}   # max over ranks: 11 / fused + 1
+        if scenario == "host":                      # fast on the device, 50 us to issue (unfused: 30)
+            times.update({"host:unfused": 30.0, "host:fused:one_shot": 50.0})
         return {c: times.get(c, math.inf) for c in (only or measure.candidates(key.op))}
     measure.measure_key = stub
 
@@ -46,7 +48,14 @@ def main(rank: int, port: int, cache: str, scenario: str) -> dict:
     rep = tdcompile.explain(model, x, res, options={"strategy": "auto"})
     err = max((a - b).abs().max().item() for a, b in zip(rep.output, want))
     rep2 = tdcompile.explain(model, x, res, options={"strategy": "auto"})   # the same process again
-    return {"calls": calls, "uuid": backend.TdistPass(Options()).uuid(),
+    graphed = {}
+    if scenario == "host":                          # the same graph, decided for a CUDA-graph replay
+        from tdcompile.config import cuda_graphed
+        with cuda_graphed():
+            g = tdcompile.explain(model, x, res, options={"strategy": "auto"})
+        o = tdcompile.explain(model, x, res, options={"strategy": "auto", "cuda_graphs": True})
+        graphed = {k: sorted(f"{d.pattern}={d.choice}" for d in r.matches) for k, r in (("block", g), ("option", o))}
+    return {"graphed": graphed, "calls": calls, "uuid": backend.TdistPass(Options()).uuid(),
             "choices": sorted(f"{d.pattern}={d.choice}" for d in rep.matches),
             "times": {d.pattern: d.decision.candidates_us for d in rep.matches},
             "reasons": {d.pattern: d.decision.reason for d in rep.matches},

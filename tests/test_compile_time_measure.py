@@ -15,7 +15,7 @@ WORKER = "tests/compile_measure_worker.py"
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    procs = {s: gloo_ranks.start(WORKER, 2, str(tmp_path_factory.mktemp(s)), s) for s in ("fused_wins", "tie", "dynamic")}
+    procs = {s: gloo_ranks.start(WORKER, 2, str(tmp_path_factory.mktemp(s)), s) for s in ("fused_wins", "tie", "dynamic", "host")}
     return {s: gloo_ranks.collect(p) for s, p in procs.items()}
 
 
@@ -57,3 +57,15 @@ def test_dynamic_m_leaves_to_run_time_only_ops_whose_fallback_is_inductors_own_c
         assert r["choices"] == ["all_reduce_rmsnorm=unfused", "gemm_all_reduce=auto", "gemm_all_reduce_rmsnorm=unfused"]
         assert "dynamic M" in r["reasons"]["all_reduce_rmsnorm"] and r["err"] < 1e-5
         assert "dynamic M" in r["reasons"]["gemm_all_reduce_rmsnorm"]
+
+
+def test_un_graphed_a_candidate_slower_to_issue_than_inductors_code_runs_stays_unfused(runs):
+    """The GEMM + all-reduce + RMSNorm candidate takes 5 us on the device but 50 us to issue;
+    Inductor's code takes 11 us. Un-graphed, Inductor's code stays; for a graph compiled inside
+    ``cuda_graphed()`` (the Engine's decode capture) or with ``cuda_graphs=True``, it is fused."""
+    fused = ["all_reduce_rmsnorm=unfused", "gemm_all_reduce=unfused", "gemm_all_reduce_rmsnorm=fused:one_shot"]
+    for r in runs["host"]:
+        assert r["choices"] == ["all_reduce_rmsnorm=unfused", "gemm_all_reduce=unfused", "gemm_all_reduce_rmsnorm=unfused"]
+        assert r["times"]["gemm_all_reduce_rmsnorm"]["fused:one_shot"] == 50.0
+        assert "host" in r["reasons"]["gemm_all_reduce_rmsnorm"] and not r["rewritten"]
+        assert r["graphed"] == {"block": fused, "option": fused}
