@@ -76,7 +76,7 @@ def trace_row(runs: dict, row: Row, columns: list, stem: str, rank: int, say) ->
             if cuda:
                 torch.cuda.synchronize()
         slug = "".join(ch if ch.isalnum() else "_" for ch in row.name).strip("_")
-        path = f"{stem}-trace-{slug}-{col}-rank{rank}.json"
+        path = f"{stem}-trace-{slug}-{col.replace(':', '_')}-rank{rank}.json"   # "tdist:sp": no ':' in names
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)   # every rank writes (kineto fails silently)
         prof.export_chrome_trace(path)
         out[f"{row.name} / {col}"] = os.path.basename(path)
