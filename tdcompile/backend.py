@@ -309,10 +309,10 @@ def decide_measured(m, may_measure: bool = True, margin: Optional[float] = None,
     if times is None or "unfused" not in times:
         why = "first compiled inside a CUDA-graph capture" if capturing else "not measured for this costing"
         return Decision("unfused", {}, f"{key.id()} is not in the measured table ({why}): keeping Inductor's code")
-    mine = {c: t for c, t in times.items() if c in cands or c in ("unfused", measured.HOST + "unfused")}
-    choice, why = measured.choose(mine, key.m, margin, charge_host)
+    mine = {c: t for c, t in times.items() if c in cands}              # cands: unfused and host entries too
     eff = measured.effective(mine, charge_host)
-    if charge_host and eff != measured.device_times(mine):
+    choice, why = measured.choose(eff, key.m, margin)
+    if eff != measured.device_times(mine):
         why += " (un-graphed: the larger of device and host time per call)"
     return Decision(choice, {c: round(t, 1) for c, t in eff.items()}, why, source=source)
 

@@ -53,7 +53,8 @@ class Options:
     """How matches are decided. ``"auto"``: per match and shape, the fastest candidate in the
     measured table (unfused, every tdist kernel variant, torch symmetric memory), unfused
     winning unless beaten by more than ``measured.tie(M)`` (15%; 8% at decode sizes), each call
-    costed at max(device, host time) unless the graph is CUDA-graphed (``cuda_graphs``); a shape not yet measured is measured while compiling
+    costed at max(device, host time) unless the graph is CUDA-graphed (``cuda_graphs``); a shape
+    not yet measured is measured while compiling
     on the GPU (all ranks together); without a GPU the fitted analytic model predicts, or, with no profile,
     everything stays unfused. ``"unfused"``: rewrite nothing (plain Inductor). ``"fused"`` /
     ``"symm_mem"``: force that family on every match. ``"sequence_parallel"``: turn every
