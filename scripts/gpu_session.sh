@@ -94,6 +94,10 @@ case ${STAGE:-prep} in
   arb)      # all-reduce kernel bench only (AR_ROWS rows x 5120)
     step "${ARB_T:-200}" torchrun --nproc_per_node "$NP" benchmarks/bench_all_reduce.py --out "$OUT" \
       --rows "${AR_ROWS:-128,4096}" ;;
+  hostprof) # where the host time of an op call goes (scripts/host_profile.py), at W=NP and W=2
+    step "${HP_T:-180}" torchrun --nproc_per_node "$NP" scripts/host_profile.py --out "$OUT"
+    if [[ $NP -gt 2 ]]; then CUDA_VISIBLE_DEVICES=0,1 step "${HP_T:-180}" torchrun --nproc_per_node 2 \
+      scripts/host_profile.py --out "$OUT"; fi ;;
   rows)     # bench only, from the shipped / cached measured table (CASES selects the rows)
     bench ;;
   all)
@@ -109,6 +113,6 @@ case ${STAGE:-prep} in
     bench ;;
 esac
 # the device tool returns at most 8 files: keep the bench JSONs and this log loose, the rest in one tarball
-( cd "$OUT" && rm -f profile-tp*.json && ls | grep -vE '^(bench-.*-tp[0-9]+-[0-9]{8}-[0-9]{6}\.json|session-.*\.log|results-.*\.tgz)$' \
+( cd "$OUT" && rm -f profile-tp*.json && ls | grep -vE '^(bench-.*-tp[0-9]+-[0-9]{8}-[0-9]{6}\.json|session-.*\.log|host-profile-.*|results-.*\.tgz)$' \
     | tar czf "results-$STAGE.tgz" -T - --remove-files 2>/dev/null ) || true
 
