@@ -50,12 +50,14 @@ gate() {   # gate "<tests>" "<op/impl,...>": the candidates leave auto when thei
 case ${STAGE:-prep} in
   full)
     SKIPS=${TDCOMPILE_SKIP_CANDIDATES:-}
-    if [[ -z ${SKIP_GATE:-} ]]; then
+    if [[ -z ${SKIP_GATE:-} ]]; then   # SKIP_GATE=all: the copy-engine gates too
       gate tests/gpu/test_all_reduce_rmsnorm_lamport.py all_reduce_rmsnorm/fused:lamport
       gate tests/gpu/test_gemm_all_reduce_ce.py gemm_all_reduce/fused:ce2,gemm_all_reduce/fused:ce4
     fi
-    gate tests/gpu/test_all_gather_gemm_ce.py all_gather_gemm/fused:ce
-    gate tests/gpu/test_gemm_reduce_scatter_ce.py gemm_reduce_scatter/fused:ce
+    if [[ ${SKIP_GATE:-} != all ]]; then
+      gate tests/gpu/test_all_gather_gemm_ce.py all_gather_gemm/fused:ce
+      gate tests/gpu/test_gemm_reduce_scatter_ce.py gemm_reduce_scatter/fused:ce
+    fi
     if [[ -z ${SKIP_L2:-} ]]; then   # SKIP_L2=1: lamport2's own gates already passed on this code
       gate tests/gpu/test_all_reduce_rmsnorm_lamport2.py all_reduce_rmsnorm/fused:lamport2
       gate "tests/gpu/test_all_reduce_lamport2.py tests/gpu/test_all_reduce_lamport.py -k lamport2" fused:lamport2
@@ -64,6 +66,11 @@ case ${STAGE:-prep} in
         || { SKIPS="${SKIPS:+$SKIPS,}fused:lamport2"; echo "== leaving out of auto: fused:lamport2" | tee -a "$LOG"; }
     fi
     export TDCOMPILE_SKIP_CANDIDATES=$SKIPS
+    if [[ -n ${OPG:-} ]]; then   # replayed op graphs (ops/op_graphs.py): their real-process test gates them
+      TDCOMPILE_SPIN_TIMEOUT_S=5 step "${OPG_T:-200}" python3 -m pytest -q -rs -s -p no:cacheprovider -m multigpu \
+        tests/gpu/test_op_graphs_real.py || { export TDCOMPILE_OP_GRAPHS=0
+          echo "== op graph tests failed: replays off (TDCOMPILE_OP_GRAPHS=0)" | tee -a "$LOG"; }
+    fi
     TDCOMPILE_SPIN_TIMEOUT_S=5 step "${TEST_T:-150}" python3 -m pytest -q -rs -p no:cacheprovider -m multigpu \
       ${MG_TESTS:-tests/gpu/test_multigpu.py::test_every_family_runs_and_matches_unfused} \
       || { export TDCOMPILE_SKIP_CANDIDATES="${TDCOMPILE_SKIP_CANDIDATES:+$TDCOMPILE_SKIP_CANDIDATES,}${NEW_CANDIDATES:-}"

@@ -278,7 +278,8 @@ def bench_main(args) -> dict:
         tab = table(results, rows, done)
         res = {**meta, "large_batch": large, "iters": args.iters, "columns": done, "rows": tab,
                "tdist_ops_ran": ran, "ops_by_column": by_column, "traces": traced, "burst_ms": burst,
-               "inference": ctx["infer"], "errors": errors, "notes": notes, "complete": all(c in done for c in avail)}
+               "inference": ctx["infer"], "errors": errors, "notes": notes, "complete": all(c in done for c in avail),
+               "op_graphs": dict(__import__("tdcompile.ops.op_graphs", fromlist=["STATS"]).STATS)}
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
             with open(stem + ".json", "w") as f:

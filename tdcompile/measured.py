@@ -67,8 +67,8 @@ _DIGESTS: dict[tuple, str] = {}
 
 def impl_files(op: str, impl: str) -> list[str]:
     """The package files (relative paths) whose code decides how fast ``impl`` runs ``op``."""
-    if impl.startswith(HOST):          # host time: the op's Python launch path decides it too
-        return sorted(set(impl_files(op, impl[len(HOST):]) + ["ops/cuda.py"]))
+    if impl.startswith(HOST):          # host time: the op's Python launch path (and its replays) decide it too
+        return sorted(set(impl_files(op, impl[len(HOST):]) + ["ops/cuda.py", "ops/op_graphs.py"]))
     fam, var = impl.split(":", 1)[0], (impl.split(":", 1)[1] if ":" in impl else "")
     rms = op in ("all_reduce_rmsnorm", "gemm_all_reduce_rmsnorm")
     if fam == "unfused":                   # NCCL + cuBLAS: covered by the torch version in the env,
@@ -106,7 +106,7 @@ def impl_digest(op: str, impl: str) -> str:
     """12 hex digits over the files of ``impl_files`` ("" for unfused); cached per process."""
     if (op, impl) not in _DIGESTS:
         import hashlib
-        h = hashlib.sha256()
+        h = hashlib.sha256(b"op_graphs=0" if impl.startswith(HOST) and os.environ.get("TDCOMPILE_OP_GRAPHS") == "0" else b"")
         for rel in impl_files(op, impl):
             try:
                 with open(os.path.join(_PKG, rel), "rb") as f:

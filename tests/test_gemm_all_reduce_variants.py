@@ -23,7 +23,9 @@ def calls(monkeypatch):
     monkeypatch.setattr(gemm_all_reduce_ce, "gemm_all_reduce_ce",
                         lambda ws, a, b, bias, bounds: seen.append(("ce", bounds)) or "CE")
     monkeypatch.setattr(all_reduce, "symm_input", lambda ws, shape, dtype: torch.empty(shape, dtype=dtype))
-    monkeypatch.setattr(all_reduce, "all_reduce", lambda ws, buf, variant=None: seen.append(("zc", variant, buf)) or buf)
+    monkeypatch.setattr(all_reduce, "all_reduce",
+                        lambda ws, buf, out=None, variant=None: seen.append(("zc", variant, buf, out)) or
+                        (buf if out is None else out))
     monkeypatch.setattr(overlap, "gemm_all_reduce",
                         lambda a, b, bias, chunks, red, side: seen.append(("pipe", chunks, red)) or "P")
     monkeypatch.setattr(overlap, "nccl_reducer", lambda g: "nccl")
@@ -41,10 +43,11 @@ def test_plain_fused_is_the_triton_gemm_kernel(calls):
 
 @pytest.mark.parametrize("v", ["one_shot", "two_shot"])
 def test_one_and_two_shot_read_the_gemm_output_in_place(calls, v):
-    out = gar.run(v, _WS(), A, B, BIAS, "g")
-    (kind, variant, buf), = calls
-    assert kind == "zc" and variant == v and out is buf                      # the GEMM wrote the symmetric buffer
-    torch.testing.assert_close(buf, torch.addmm(BIAS, A, B))
+    dst = torch.empty(1024, 16)
+    out = gar.run(v, _WS(), A, B, BIAS, "g", out=dst)
+    (kind, variant, buf, to), = calls
+    assert kind == "zc" and variant == v and to is dst and out is dst    # the GEMM wrote the symmetric buffer,
+    torch.testing.assert_close(buf, torch.addmm(BIAS, A, B))               # reduced into the caller's output
 
 
 def test_lamport_reduces_the_gemm_output_in_place(calls):

@@ -45,9 +45,11 @@ def unsupported_reason(ws: Workspace, a: torch.Tensor, bs) -> str | None:
 
 
 @phased
-def all_gather_gemm_ce(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a: bool = False):
+def all_gather_gemm_ce(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a: bool = False,
+                       out: tuple | None = None):
     """``(A if return_a else empty, [A @ b for b in bs])`` with A the row-concatenation of every
-    rank's ``a_shard`` ([m, K] each, A [W*m, K]); on the current stream (module docstring)."""
+    rank's ``a_shard`` ([m, K] each, A [W*m, K]); on the current stream (module docstring).
+    ``out``: ``(A or None, [outputs])`` to write into (contiguous, allocated by the caller)."""
     ws.check()
     reason = unsupported_reason(ws, a_shard, bs)
     if reason:
@@ -59,8 +61,11 @@ def all_gather_gemm_ce(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a:
     shard = ws.region(REGION, triton.cdiv(ws.max_m, W) * K * esz)
     peers = [t[: m * K * esz].view(dt).view(m, K) for t in shard.peers]      # [m, K] per rank
     a_shard = a_shard.contiguous()
-    A = torch.empty((M, K), dtype=dt, device=a_shard.device)                 # gathered rows
-    outs = [torch.empty((M, b.shape[1]), dtype=dt, device=a_shard.device) for b in bs]
+    A, outs = out if out is not None else (None, None)
+    if A is None:
+        A = torch.empty((M, K), dtype=dt, device=a_shard.device)             # gathered rows
+    if outs is None:
+        outs = [torch.empty((M, b.shape[1]), dtype=dt, device=a_shard.device) for b in bs]
     pad_stride = PAD_SLOTS * MAX_WORLD
     epoch = ws.bump_epoch("all_gather_gemm")
     entry = (ws.pads.ptrs, ENTRY_CHANNEL * pad_stride, epoch, ws.err_addr, sig.error_code(OP_ID, r, sig.WHAT_BARRIER),

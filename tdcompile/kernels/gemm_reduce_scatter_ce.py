@@ -59,9 +59,10 @@ def _gemm(a, b, bias, out):
 
 @phased
 def gemm_reduce_scatter_ce(ws: Workspace, a: torch.Tensor, b: torch.Tensor,
-                           bias: torch.Tensor | None = None) -> torch.Tensor:
+                           bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``reduce_scatter(a @ b + bias)`` over the rows: this rank's [M/W, N] block of the sum of
-    every rank's ``a @ b + bias`` (module docstring); on the current stream."""
+    every rank's ``a @ b + bias`` (module docstring); on the current stream, into ``out``
+    (contiguous [M/W, N]) if given."""
     ws.check()
     reason = unsupported_reason(ws, a, b, bias)
     if reason:
@@ -74,7 +75,7 @@ def gemm_reduce_scatter_ce(ws: Workspace, a: torch.Tensor, b: torch.Tensor,
     reg = ws.region(REGION, ws.max_m * max(N, 8192) * esz)                 # >= W * slot; rarely regrown
     recv = [t[: W * slot * esz].view(dt).view(W, slot) for t in reg.peers]  # [W, m*N] per rank
     stage = torch.empty((max(W - 1, 1), m, N), dtype=dt, device=a.device)  # partials bound for peers
-    out = torch.empty((m, N), dtype=dt, device=a.device)
+    out = torch.empty((m, N), dtype=dt, device=a.device) if out is None else out
     pad_stride = PAD_SLOTS * MAX_WORLD
     epoch = ws.bump_epoch("gemm_reduce_scatter")
     prev = (ws.pads.ptrs, PREV_CHANNEL * pad_stride, epoch, ws.err_addr, sig.error_code(OP_ID, r, sig.WHAT_BARRIER),

@@ -155,6 +155,8 @@ class Workspace:
         self.max_m = max_m()
         self.timeout_us = spin_timeout_us()
         self.regions: dict[str, SymmAlloc] = {}
+        self.generation = 0         # bumped whenever a region is (re)allocated: CUDA graphs that hold
+                                    # the old addresses must not be replayed (``ops/op_graphs.py``)
         # host-mapped pinned error word (read by the host without synchronising)
         self.err = torch.zeros(4, dtype=torch.int32, pin_memory=True)
         self.epoch = torch.zeros(len(OPS), dtype=torch.int32, device=self.device)
@@ -173,6 +175,7 @@ class Workspace:
         if _capturing():
             raise _Unsupported(f"symmetric workspace '{name}' would grow during CUDA-graph capture")
         nbytes = (nbytes + 4095) // 4096 * 4096
+        self.generation += 1
         if self.sim is not None:
             self.regions[name] = self.sim.alloc(name, nbytes, self.rank)
             return self.regions[name]

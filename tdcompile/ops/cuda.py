@@ -15,6 +15,9 @@ unfused, with the reason logged. A first call inside CUDA-graph capture cannot a
 sync there), so it runs unfused on every rank -- the capture point is the same on all ranks.
 Kernel timeouts (a peer that never arrived) raise ``RuntimeError`` naming op and rank.
 
+Un-graphed calls of the fused impls in ``op_graphs.REPLAYABLE`` are replayed as one CUDA graph
+per call site from their third call on (``ops/op_graphs.py``): host time ~30-60 us, not 200-1000.
+
 ``RAN[(op, family)]`` counts what actually ran, so tests and the measuring harness can prove
 which implementation produced a result. Importing this module does not import Triton.
 """
@@ -29,7 +32,7 @@ import torch
 
 from tdcompile import measured
 from tdcompile.config import family, variant
-from tdcompile.ops import reference as ref
+from tdcompile.ops import op_graphs, reference as ref, unfused
 
 log = logging.getLogger("tdcompile.ops")
 RAN: collections.Counter = collections.Counter()
@@ -175,8 +178,14 @@ def _all_reduce_cuda(x: torch.Tensor, group_name: str, impl: str = "auto") -> to
     from tdcompile.ops import symm_mem as sm
     n = x.shape[-1] if x.dim() else 1
     impl = resolve("all_reduce", impl, group_name, m=x.numel() // max(n, 1), n=n, k=0, dtype=x.dtype)
+    sig = _sig(x)
 
     def fused(ws):
+        if variant(impl) in ("one_shot", "two_shot"):
+            from tdcompile.kernels import all_reduce as k
+            return op_graphs.fused("all_reduce", impl, sig, (x,), lambda: (op_graphs.empty(x.shape, x),),
+                               lambda ws, o: k.all_reduce(ws, x, out=o[0], variant=variant(impl)),
+                               lambda o: o[0])(ws)
         if variant(impl) == "lamport":
             from tdcompile.kernels.all_reduce_lamport import all_reduce_lamport
             return all_reduce_lamport(ws, x)
@@ -196,17 +205,9 @@ def _all_reduce_cuda(x: torch.Tensor, group_name: str, impl: str = "auto") -> to
         from tdcompile.kernels.all_reduce import unsupported_reason
         return unsupported_reason(_workspace(group_name), x)
 
-    return _run("all_reduce", impl, group_name, _sig(x), fused,
+    return _run("all_reduce", impl, group_name, sig, fused,
                 lambda: sm.all_reduce(x, group_name, variant(impl)), lambda: ref.all_reduce(x, group_name),
                 check_fused, lambda: sm.prepare_all_reduce(x.shape, x.dtype, group_name))
-
-
-def _nccl_gemm_all_reduce(a, b, bias, group_name: str) -> torch.Tensor:
-    """``unfused`` on CUDA, as Inductor runs it: cuBLAS into a fresh output, then NCCL reduces that
-    output in place (the reference's functional all_reduce would copy it first)."""
-    out = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)      # [M, N]
-    c10d = torch.ops._c10d_functional
-    return c10d.wait_tensor(c10d.all_reduce_(out, "sum", group_name))
 
 
 @torch.library.register_kernel("tdist::gemm_all_reduce", "cuda")
@@ -214,11 +215,17 @@ def _gemm_all_reduce_cuda(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch
                           impl: str = "auto") -> torch.Tensor:
     from tdcompile.ops import gemm_all_reduce as gar, symm_mem as sm
     impl = resolve("gemm_all_reduce", impl, group_name, m=a.shape[0], n=b.shape[1], k=a.shape[1], dtype=a.dtype)
-    shape = (a.shape[0], b.shape[1])
-    return _run("gemm_all_reduce", impl, group_name, _sig(a, b, bias),
-                lambda ws: gar.run(variant(impl), ws, a, b, bias, group_name),
+    shape, sig = (a.shape[0], b.shape[1]), _sig(a, b, bias)
+    if variant(impl) in ("one_shot", "two_shot"):        # zero copy into the symmetric area, then AR
+        fused = op_graphs.fused("gemm_all_reduce", impl, sig, (a, b, bias), lambda: (op_graphs.empty(shape, a),),
+                            lambda ws, o: gar.run(variant(impl), ws, a, b, bias, group_name, out=o[0]),
+                            lambda o: o[0])
+    else:
+        def fused(ws):
+            return gar.run(variant(impl), ws, a, b, bias, group_name)
+    return _run("gemm_all_reduce", impl, group_name, sig, fused,
                 lambda: sm.gemm_all_reduce(a, b, bias, group_name, variant(impl)),
-                lambda: _nccl_gemm_all_reduce(a, b, bias, group_name),
+                lambda: unfused.gemm_all_reduce(a, b, bias, group_name),
                 lambda: gar.prepare(variant(impl), _workspace(group_name), a, b, bias),
                 lambda: sm.prepare_all_reduce(shape, a.dtype, group_name))
 
@@ -230,10 +237,18 @@ def _all_gather_gemm_cuda(a_shard: torch.Tensor, bs: list[torch.Tensor], world_s
     impl = resolve("all_gather_gemm", impl, group_name, m=a_shard.shape[0] * world_size,
                    n=sum(b.shape[1] for b in bs), k=a_shard.shape[1], dtype=a_shard.dtype)
 
+    sig = _sig(a_shard, *bs, world_size, return_a)
+    M = a_shard.shape[0] * world_size
+
     def fused(ws):
         if variant(impl) == "ce":       # cuBLAS per shard, shards pulled by the copy engine
             from tdcompile.kernels.all_gather_gemm_ce import all_gather_gemm_ce
-            return all_gather_gemm_ce(ws, a_shard, list(bs), return_a)
+            return op_graphs.fused(
+                "all_gather_gemm", impl, sig, (a_shard, *bs),
+                lambda: ((op_graphs.empty((M, a_shard.shape[1]), a_shard) if return_a else None),
+                         *[op_graphs.empty((M, b.shape[1]), a_shard) for b in bs]),
+                lambda ws, o: all_gather_gemm_ce(ws, a_shard, list(bs), return_a, out=(o[0], list(o[1:]))),
+                lambda o: (o[0] if return_a else a_shard.new_empty(0), list(o[1:])))(ws)
         from tdcompile.kernels.all_gather_gemm import all_gather_gemm
         return all_gather_gemm(ws, a_shard, list(bs), return_a)
 
@@ -243,7 +258,7 @@ def _all_gather_gemm_cuda(a_shard: torch.Tensor, bs: list[torch.Tensor], world_s
         return f"world_size {world_size} != group size {ws.world}" if ws.world != world_size else \
             unsupported_reason(ws, a_shard, bs)
 
-    return _run("all_gather_gemm", impl, group_name, _sig(a_shard, *bs, world_size, return_a), fused,
+    return _run("all_gather_gemm", impl, group_name, sig, fused,
                 lambda: sm.all_gather_gemm(a_shard, list(bs), world_size, group_name, return_a),
                 lambda: ref.all_gather_gemm(a_shard, bs, world_size, group_name, return_a),
                 check_fused, lambda: sm.prepare_all_gather_gemm(a_shard, world_size, group_name))
@@ -255,10 +270,15 @@ def _gemm_reduce_scatter_cuda(a: torch.Tensor, b: torch.Tensor, bias: Optional[t
     from tdcompile.ops import symm_mem as sm
     impl = resolve("gemm_reduce_scatter", impl, group_name, m=a.shape[0], n=b.shape[1], k=a.shape[1], dtype=a.dtype)
 
+    sig = _sig(a, b, bias, world_size)
+
     def fused(ws):
         if variant(impl) == "ce":       # cuBLAS per destination, partials pushed by the copy engine
             from tdcompile.kernels.gemm_reduce_scatter_ce import gemm_reduce_scatter_ce
-            return gemm_reduce_scatter_ce(ws, a, b, bias)
+            return op_graphs.fused("gemm_reduce_scatter", impl, sig, (a, b, bias),
+                               lambda: (op_graphs.empty((a.shape[0] // world_size, b.shape[1]), a),),
+                               lambda ws, o: gemm_reduce_scatter_ce(ws, a, b, bias, out=o[0]),
+                               lambda o: o[0])(ws)
         from tdcompile.kernels.gemm_reduce_scatter import gemm_reduce_scatter
         return gemm_reduce_scatter(ws, a, b, bias)
 
@@ -271,7 +291,7 @@ def _gemm_reduce_scatter_cuda(a: torch.Tensor, b: torch.Tensor, bias: Optional[t
         return f"world_size {world_size} != group size {ws.world}" if ws.world != world_size else \
             unsupported_reason(ws, a, b, bias)
 
-    return _run("gemm_reduce_scatter", impl, group_name, _sig(a, b, bias, world_size), fused,
+    return _run("gemm_reduce_scatter", impl, group_name, sig, fused,
                 lambda: sm.gemm_reduce_scatter(a, b, group_name),
                 lambda: ref.gemm_reduce_scatter(a, b, bias, world_size, group_name),
                 check_fused, lambda: sm.prepare_gemm_reduce_scatter(a, bias, world_size, group_name))
@@ -282,6 +302,7 @@ def _all_reduce_rmsnorm_cuda(x: torch.Tensor, residual: torch.Tensor, weight: to
                              group_name: str, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[-1]
     impl = resolve("all_reduce_rmsnorm", impl, group_name, m=x.numel() // max(n, 1), n=n, k=0, dtype=x.dtype)
+    sig = _sig(x, residual, weight)
 
     def fused(ws):
         if variant(impl) == "lamport":
@@ -291,7 +312,11 @@ def _all_reduce_rmsnorm_cuda(x: torch.Tensor, residual: torch.Tensor, weight: to
             from tdcompile.kernels.all_reduce_rmsnorm_lamport2 import all_reduce_rmsnorm_lamport2
             return all_reduce_rmsnorm_lamport2(ws, x, residual, weight, eps)
         from tdcompile.kernels.all_reduce_rmsnorm import all_reduce_rmsnorm
-        return all_reduce_rmsnorm(ws, x, residual, weight, eps, variant=variant(impl) or "auto")
+        return op_graphs.fused("all_reduce_rmsnorm", impl, sig, (x, residual, weight, float(eps)),
+                           lambda: (op_graphs.empty(x.shape, x), op_graphs.empty(x.shape, x)),
+                           lambda ws, o: all_reduce_rmsnorm(ws, x, residual, weight, eps, variant=variant(impl) or "auto",
+                                                            out=o[0], residual_out=o[1]),
+                           tuple)(ws)
 
     def check_fused():
         ws = _workspace(group_name)
@@ -304,19 +329,10 @@ def _all_reduce_rmsnorm_cuda(x: torch.Tensor, residual: torch.Tensor, weight: to
         from tdcompile.kernels.all_reduce_rmsnorm import unsupported_reason
         return unsupported_reason(ws, x, residual, weight)
 
-    return _run("all_reduce_rmsnorm", impl, group_name, _sig(x, residual, weight), fused,
+    return _run("all_reduce_rmsnorm", impl, group_name, sig, fused,
                 lambda: ref.all_reduce_rmsnorm(x, residual, weight, eps, group_name),
-                lambda: _nccl_all_reduce_rmsnorm(x, residual, weight, eps, group_name),
+                lambda: unfused.all_reduce_rmsnorm(x, residual, weight, eps, group_name),
                 check_fused, lambda: "no symm_mem implementation of all_reduce_rmsnorm")
-
-
-def _nccl_all_reduce_rmsnorm(x, residual, weight, eps: float, group_name: str):
-    """``unfused`` on CUDA, as Inductor runs it: NCCL, then ONE add + RMSNorm kernel
-    (``kernels/add_rmsnorm.py``; the reference's eager norm is ~8 kernels). It is the baseline the
-    fused candidates are measured against. NCCL reduces a copy of ``x`` (the op's input), where
-    Inductor reuses the GEMM's buffer: ~1 us at 1.3 MB, in favour of the fused candidates. The
-    reference where that kernel cannot run."""
-    return _add_rmsnorm(ref.all_reduce(x, group_name), residual, weight, eps)
 
 
 @torch.library.register_kernel("tdist::gemm_all_reduce_rmsnorm", "cuda")
@@ -330,14 +346,18 @@ def _gemm_all_reduce_rmsnorm_cuda(a: torch.Tensor, b: torch.Tensor, bias: Option
     M, N = a.shape[0], b.shape[1]
     impl = resolve("gemm_all_reduce_rmsnorm", impl, group_name, m=M, n=N, k=a.shape[1], dtype=a.dtype)
     res2d = residual.reshape(M, N)                                           # [M, N] view of [..., N]
+    sig = _sig(a, b, bias, residual, weight)
 
-    def fused(ws):
+    def body(ws, o):
         from tdcompile.kernels.all_reduce import symm_input
         from tdcompile.kernels.all_reduce_rmsnorm import all_reduce_rmsnorm
         buf = symm_input(ws, (M, N), a.dtype)                                # [M, N] symmetric
         torch.mm(a, b, out=buf) if bias is None else torch.addmm(bias, a, b, out=buf)
-        normed, new_res = all_reduce_rmsnorm(ws, buf, res2d, weight, eps, variant=variant(impl) or "auto")
-        return normed.view(residual.shape), new_res.view(residual.shape)
+        all_reduce_rmsnorm(ws, buf, res2d, weight, eps, variant=variant(impl) or "auto", out=o[0], residual_out=o[1])
+
+    fused = op_graphs.fused("gemm_all_reduce_rmsnorm", impl, sig, (a, b, bias, res2d, weight, float(eps)),
+                        lambda: (op_graphs.empty((M, N), a), op_graphs.empty((M, N), a)), body,
+                        lambda o: (o[0].view(residual.shape), o[1].view(residual.shape)))
 
     def check_fused():
         from tdcompile.kernels.all_reduce import symm_input
@@ -349,25 +369,13 @@ def _gemm_all_reduce_rmsnorm_cuda(a: torch.Tensor, b: torch.Tensor, bias: Option
             symm_input(ws, (M, N), a.dtype)              # allocate the regions now (collective)
         return reason
 
-    def unfused():
-        normed, new_res = _add_rmsnorm(_nccl_gemm_all_reduce(a, b, bias, group_name), res2d, weight, eps)
+    def run_unfused():
+        normed, new_res = unfused.add_rmsnorm(unfused.gemm_all_reduce(a, b, bias, group_name), res2d, weight, eps)
         return normed.view(residual.shape), new_res.view(residual.shape)
 
-    return _run("gemm_all_reduce_rmsnorm", impl, group_name, _sig(a, b, bias, residual, weight), fused,
-                lambda: ref.gemm_all_reduce_rmsnorm(a, b, bias, residual, weight, eps, group_name), unfused,
+    return _run("gemm_all_reduce_rmsnorm", impl, group_name, sig, fused,
+                lambda: ref.gemm_all_reduce_rmsnorm(a, b, bias, residual, weight, eps, group_name), run_unfused,
                 check_fused, lambda: "no symm_mem implementation of gemm_all_reduce_rmsnorm")
-
-
-def _add_rmsnorm(reduced, residual, weight, eps: float):
-    """One add + RMSNorm kernel after the all-reduce (``kernels/add_rmsnorm.py``), as Inductor runs
-    it; the reference's eager norm where that kernel cannot run (no Triton, unsupported shape)."""
-    try:
-        from tdcompile.kernels import add_rmsnorm as k
-    except ImportError:            # no Triton
-        k = None
-    if k is not None and k.supported(reduced, residual, weight):
-        return k.add_rmsnorm(reduced, residual, weight, eps)
-    return ref.rmsnorm_after_all_reduce(reduced, residual, weight, eps)
 
 
 def check_errors(group_name: str | None = None, sync: bool = True) -> None:

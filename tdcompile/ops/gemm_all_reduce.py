@@ -33,7 +33,8 @@ def _gemm(a, b, bias, out=None):
 
 
 def run(v: Optional[str], ws, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor],
-        group_name: str) -> torch.Tensor:
+        group_name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out``: where the zero-copy variants (``one_shot``, ``two_shot``) write [M, N]."""
     if v is None:                     # the Triton GEMM + tile-wise all-reduce kernel
         from tdcompile.kernels.gemm_all_reduce import gemm_all_reduce
         return gemm_all_reduce(ws, a, b, bias)
@@ -59,7 +60,7 @@ def run(v: Optional[str], ws, a: torch.Tensor, b: torch.Tensor, bias: Optional[t
     from tdcompile.kernels.all_reduce import all_reduce, symm_input
     buf = symm_input(ws, (a.shape[0], b.shape[1]), a.dtype)               # [M, N] symmetric
     _gemm(a, b, bias, out=buf)
-    return all_reduce(ws, buf, variant=v)
+    return all_reduce(ws, buf, out=out, variant=v)
 
 
 def prepare(v: Optional[str], ws, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[str]:

@@ -1,0 +1,170 @@
+"""Un-graphed calls of a fused op, replayed as one CUDA graph per call site (host time).
+
+A fused op issues 1-30 launches, stream switches and events from Python: on the H200 hosts
+that is 190-1000 us per call against 10-400 us on the device (``scripts/host_profile.py``,
+``benchmarks/results/host-profile-h200-w*.json``), so an un-graphed model became CPU-bound
+and ``auto`` had to keep such ops unfused.  Here the second call with the same addresses
+captures the op body once into a CUDA graph, and later calls replay it::
+
+    call 1 (new addresses)    body()                       eager, the addresses are remembered
+    call 2 (same addresses)   capture body() -> graph g    g.replay()
+    call 3, 4, ...            g.replay()                   one launch from the host
+
+**What a graph bakes in, and why a replay is still right.**  The key holds the op, impl and
+input signature, every input and output tensor's address and strides, the scalar arguments
+(eps) and the workspace ``generation``:
+
+* inputs and outputs: the caller allocates the outputs before the lookup (``ops.cuda``), so a
+  hit means the graph reads and writes exactly the tensors of this call;
+* symmetric regions, pads, epochs, error word: static per workspace; a region that grows bumps
+  ``Workspace.generation``, which drops every graph of that workspace;
+* intermediates (gathered rows, staged partials, copies of non-contiguous inputs): allocated
+  during capture from one private pool shared by all op graphs.  Replays run in stream order
+  (as every call of a group's ops must: they share the symmetric buffers), and each graph
+  joins its side streams before it ends, so no two graphs' intermediates are live at once;
+* device state (epochs, per-block barrier counters) is advanced by the graph itself, so eager
+  calls and replays interleave freely.  Impls with host-side state (the Lamport kernels'
+  buffer parity) are not replayed: ``REPLAYABLE``.
+
+Ranks need not agree: capturing runs nothing on the device and takes no collective, so a rank
+that captures while its peers replay only arrives later at the device barriers (bounded waits).
+The first launch of a signature stays eager (it compiles kernels and meets the peers at the
+host barrier of ``ops.cuda._run``).  Inside an outer capture (Engine decode, bench graphed
+rows, ``measure.graph_us``) the body is simply captured into that graph.
+
+``TDCOMPILE_OP_GRAPHS=0`` turns replays off; the measured table's host entries then no longer
+match (their digest includes the setting), so they are measured again.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("tdcompile.ops")
+
+REPLAYABLE = {
+    "all_reduce": {"fused:one_shot", "fused:two_shot"},
+    "gemm_all_reduce": {"fused:one_shot", "fused:two_shot"},
+    "all_reduce_rmsnorm": {"fused:one_shot", "fused:two_shot"},
+    "gemm_all_reduce_rmsnorm": {"fused:one_shot", "fused:two_shot"},
+    "all_gather_gemm": {"fused:ce"},
+    "gemm_reduce_scatter": {"fused:ce"},
+}
+"""(op -> impls) whose one-call body is safe to replay: all state they advance lives on the device."""
+MAX_GRAPHS = int(os.environ.get("TDCOMPILE_OP_GRAPHS_MAX", "1024"))
+"""Captured graphs kept (least recently replayed dropped first): one per op call site of a model."""
+STATS: collections.Counter = collections.Counter()
+"""``"replay" | "capture" | "eager" | "capture_failed" | "dropped"`` -> calls (tests, reports)."""
+
+_GRAPHS: "collections.OrderedDict[tuple, torch.cuda.CUDAGraph | None]" = collections.OrderedDict()
+_SEEN: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
+_GEN: dict[str, int] = {}
+_STATE: dict = {"pool": None, "stream": None}
+
+
+def enabled() -> bool:
+    return os.environ.get("TDCOMPILE_OP_GRAPHS", "1") != "0"
+
+
+def replayable(op: str, impl: str) -> bool:
+    return enabled() and impl in REPLAYABLE.get(op, ())
+
+
+def clear() -> None:
+    """Drop every captured graph (their intermediates return to the shared pool)."""
+    _GRAPHS.clear()
+    _SEEN.clear()
+    _GEN.clear()
+
+
+def empty(shape, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def fused(op: str, impl: str, sig: tuple, inputs: tuple, alloc: Callable[[], tuple], body: Callable,
+          result: Callable) -> Callable:
+    """``fused(ws)`` for ``ops.cuda``: allocate the outputs (``alloc()``), run ``body(ws, outs)``
+    through ``launch`` (eager, captured or replayed; inside an outer capture simply run), and
+    return ``result(outs)``.  A signature's first call is a first sighting, so it runs eagerly."""
+    def run(ws):
+        outs = alloc()
+        if replayable(op, impl) and not torch.cuda.is_current_stream_capturing():
+            launch(ws, (op, impl, sig), tuple(inputs) + tuple(outs), lambda: body(ws, outs))
+        else:
+            body(ws, outs)
+        return result(outs)
+    return run
+
+
+def _key(tag: tuple, ws, tensors) -> tuple:
+    return (tag, ws.name, ws.generation,
+            tuple((t.data_ptr(), t.stride()) if isinstance(t, torch.Tensor) else t for t in tensors))
+
+
+def launch(ws, tag: tuple, tensors, body: Callable[[], object]) -> str:
+    """Run ``body()`` (launches that read ``tensors`` and write the outputs among them) on the
+    current stream: eagerly, by capturing it, or by replaying its graph.  Returns which.
+    Non-tensor entries of ``tensors`` (eps, None) are part of the key as they are."""
+    if _GEN.get(ws.name, ws.generation) != ws.generation:       # a region moved: old graphs are void
+        for k in [k for k in _GRAPHS if k[1] == ws.name]:
+            del _GRAPHS[k]
+            STATS["dropped"] += 1
+    _GEN[ws.name] = ws.generation
+    key = _key(tag, ws, tensors)
+    if key in _GRAPHS:
+        g = _GRAPHS[key]
+        if g is None:                                           # its capture failed: eager for good
+            body()
+            STATS["eager"] += 1
+            return "eager"
+        ws.check()                                              # a recorded peer timeout raises here
+        _GRAPHS.move_to_end(key)
+        g.replay()
+        STATS["replay"] += 1
+        return "replay"
+    if key not in _SEEN:                                        # first sighting: remember, run eagerly
+        _SEEN[key] = None
+        while len(_SEEN) > 4 * MAX_GRAPHS:
+            _SEEN.popitem(last=False)
+        body()
+        STATS["eager"] += 1
+        return "eager"
+    g = _capture(tag, body)
+    _GRAPHS[key] = g
+    while len(_GRAPHS) > MAX_GRAPHS:
+        _GRAPHS.popitem(last=False)
+        STATS["dropped"] += 1
+    if g is None:
+        body()
+        STATS["eager"] += 1
+        return "eager"
+    g.replay()
+    STATS["capture"] += 1
+    return "capture"
+
+
+def _capture(tag: tuple, body: Callable[[], object]):
+    """``body`` captured on a side stream into a graph of the shared pool, or None if it cannot be."""
+    if _STATE["pool"] is None:
+        _STATE["pool"] = torch.cuda.graph_pool_handle()
+        _STATE["stream"] = torch.cuda.Stream()
+    stream, g = _STATE["stream"], torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()                 # no pending frees or queries while this thread captures
+    try:
+        with torch.cuda.stream(stream):
+            g.capture_begin(pool=_STATE["pool"], capture_error_mode="thread_local")
+            try:
+                body()
+            finally:
+                g.capture_end()
+    except Exception as e:  # noqa: BLE001  (the eager path still works: never a failed call)
+        STATS["capture_failed"] += 1
+        log.warning("tdist::%s %s: cannot replay as a CUDA graph (%s: %s); runs eagerly",
+                    tag[0], tag[1], type(e).__name__, str(e)[:200])
+        torch.cuda.synchronize()
+        return None
+    return g

@@ -1,0 +1,131 @@
+"""Un-graphed fused op calls replayed as CUDA graphs (``ops/op_graphs.py``): when a call runs
+eagerly, when it is captured, when it is replayed, and what makes an old graph void.
+
+The policy is tested here with a stand-in for the capture (no GPU); the real graphs are tested
+on GPUs by ``tests/gpu/test_op_graphs_real.py`` (results equal to unfused while inputs change)."""
+import pytest
+import torch
+
+from tdcompile.ops import op_graphs
+
+
+class _Graph:
+    def __init__(self, body):
+        self.body, self.replays = body, 0
+
+    def replay(self):
+        self.replays += 1
+
+
+class _Ws:
+    def __init__(self, name="g"):
+        self.name, self.generation, self.checks, self.broken = name, 0, 0, False
+
+    def check(self):
+        self.checks += 1
+        if self.broken:
+            raise RuntimeError("tdist::all_reduce: rank 0 timed out waiting for a peer")
+
+
+@pytest.fixture
+def fake_capture(monkeypatch):
+    captured = []
+
+    def capture(tag, body):
+        if tag[0] == "fails":
+            return None
+        captured.append(_Graph(body))
+        return captured[-1]
+    monkeypatch.setattr(op_graphs, "_capture", capture)
+    op_graphs.clear()
+    op_graphs.STATS.clear()
+    yield captured
+    op_graphs.clear()
+
+
+def _call(ws, x, out, tag=("all_reduce", "fused:two_shot", ()), *extra):
+    ran = []
+    how = op_graphs.launch(ws, tag, (x, out, *extra), lambda: ran.append(1))
+    return how, bool(ran)
+
+
+def test_first_sighting_runs_eagerly_the_second_captures_later_ones_replay(fake_capture):
+    ws, x, out = _Ws(), torch.zeros(8), torch.zeros(8)
+    assert _call(ws, x, out) == ("eager", True)
+    assert _call(ws, x, out) == ("capture", False)       # captured (not run), then replayed once
+    assert _call(ws, x, out) == ("replay", False)
+    assert _call(ws, x, out) == ("replay", False)
+    assert len(fake_capture) == 1 and fake_capture[0].replays == 3
+    assert ws.checks == 2                                 # a recorded peer timeout is looked for before each replay
+
+
+def test_other_addresses_strides_or_scalars_are_another_call_site(fake_capture):
+    ws, x, out = _Ws(), torch.zeros(8, 4), torch.zeros(8, 4)
+    for _ in range(3):
+        _call(ws, x, out)
+    assert _call(ws, x, torch.zeros(8, 4)) == ("eager", True)          # a new output buffer
+    assert _call(ws, x.t(), out) == ("eager", True)                     # same address, other strides
+    assert _call(ws, x, out, ("all_reduce", "fused:two_shot", ()), 1e-5) == ("eager", True)   # eps
+    assert _call(ws, x, out, ("all_reduce", "fused:one_shot", ())) == ("eager", True)          # impl
+
+
+def test_a_grown_region_voids_every_graph_of_its_workspace(fake_capture):
+    ws, other, x, out = _Ws("g"), _Ws("h"), torch.zeros(8), torch.zeros(8)
+    for w in (ws, other):
+        for _ in range(3):
+            _call(w, x, out)
+    ws.generation += 1                                    # Workspace.region reallocated something
+    assert _call(ws, x, out) == ("eager", True)
+    assert op_graphs.STATS["dropped"] == 1
+    assert _call(other, x, out) == ("replay", False)      # the other group's graph still holds
+    assert _call(ws, x, out) == ("capture", False)
+
+
+def test_a_failed_capture_leaves_that_call_site_eager_for_good(fake_capture):
+    ws, x, out = _Ws(), torch.zeros(8), torch.zeros(8)
+    tag = ("fails", "fused:ce", ())
+    assert [_call(ws, x, out, tag) for _ in range(4)] == [("eager", True)] * 4
+    assert not fake_capture
+
+
+def test_a_peer_timeout_raises_instead_of_replaying(fake_capture):
+    ws, x, out = _Ws(), torch.zeros(8), torch.zeros(8)
+    for _ in range(2):
+        _call(ws, x, out)
+    ws.broken = True
+    with pytest.raises(RuntimeError, match="rank 0 timed out"):
+        _call(ws, x, out)
+    assert fake_capture[0].replays == 1                   # only the replay right after its capture
+
+
+def test_least_recently_replayed_graphs_are_dropped_beyond_the_bound(fake_capture, monkeypatch):
+    monkeypatch.setattr(op_graphs, "MAX_GRAPHS", 2)
+    ws, outs, x = _Ws(), [torch.zeros(8) for _ in range(3)], torch.zeros(8)
+    for o in outs:
+        for _ in range(2):
+            _call(ws, x, o)
+    assert op_graphs.STATS["dropped"] == 1 and len(op_graphs._GRAPHS) == 2
+    assert _call(ws, x, outs[2]) == ("replay", False)
+    assert _call(ws, x, outs[0]) == ("capture", False)    # dropped, still remembered: captured again
+
+
+def test_only_impls_whose_state_lives_on_the_device_are_replayed(monkeypatch):
+    assert op_graphs.replayable("all_gather_gemm", "fused:ce")
+    assert op_graphs.replayable("gemm_all_reduce_rmsnorm", "fused:two_shot")
+    for op, impl in [("all_reduce", "fused:lamport"), ("all_reduce_rmsnorm", "fused:lamport2"),
+                     ("gemm_all_reduce", "fused:pipe2"), ("all_gather_gemm", "symm_mem"),
+                     ("all_reduce", "unfused")]:
+        assert not op_graphs.replayable(op, impl), (op, impl)
+    monkeypatch.setenv("TDCOMPILE_OP_GRAPHS", "0")
+    assert not op_graphs.replayable("all_gather_gemm", "fused:ce")
+
+
+def test_turning_replays_off_changes_the_digest_of_host_entries_only(monkeypatch):
+    from tdcompile import measured
+    on = measured.impl_digest("all_gather_gemm", "host:fused:ce"), measured.impl_digest("all_gather_gemm", "fused:ce")
+    assert "ops/op_graphs.py" in measured.impl_files("all_gather_gemm", "host:fused:ce")
+    measured._DIGESTS.clear()
+    monkeypatch.setenv("TDCOMPILE_OP_GRAPHS", "0")
+    off = measured.impl_digest("all_gather_gemm", "host:fused:ce"), measured.impl_digest("all_gather_gemm", "fused:ce")
+    measured._DIGESTS.clear()
+    assert on[0] != off[0] and on[1] == off[1]
