@@ -105,6 +105,19 @@ case ${STAGE:-prep} in
     step "${HP_T:-180}" torchrun --nproc_per_node "$NP" scripts/host_profile.py --out "$OUT"
     if [[ $NP -gt 2 ]]; then CUDA_VISIBLE_DEVICES=0,1 step "${HP_T:-180}" torchrun --nproc_per_node 2 \
       scripts/host_profile.py --out "$OUT"; fi ;;
+  opg)      # op graphs gated by their real-process test (and the family test), tables at W=NP and W=2,
+            # rows at TP=NP, then rows at TP=2 on GPUs 0,1 (CASES2, COLUMNS2)
+    TDCOMPILE_SPIN_TIMEOUT_S=5 step "${OPG_T:-200}" python3 -m pytest -q -rs -s -p no:cacheprovider -m multigpu \
+      tests/gpu/test_op_graphs_real.py || { export TDCOMPILE_OP_GRAPHS=0
+        echo "== op graph tests failed: replays off (TDCOMPILE_OP_GRAPHS=0)" | tee -a "$LOG"; }
+    [[ -z ${MG_TESTS:-} ]] || TDCOMPILE_SPIN_TIMEOUT_S=5 step "${TEST_T:-150}" python3 -m pytest -q -rs -p no:cacheprovider \
+      -m multigpu $MG_TESTS || { export TDCOMPILE_OP_GRAPHS=0; echo "== family test failed: replays off" | tee -a "$LOG"; }
+    calibrate
+    [[ $NP -gt 2 ]] && CUDA_VISIBLE_DEVICES=0,1 NP=2 calibrate
+    BENCH_T=$(( $(left) - ${TP2_T:-0} )) bench
+    if [[ $NP -gt 2 && -n ${CASES2:-} ]]; then
+      CUDA_VISIBLE_DEVICES=0,1 NP=2 CASES=$CASES2 COLUMNS=${COLUMNS2:-inductor,tdist} BENCH_T=$(left) bench
+    fi ;;
   rows)     # bench only, from the shipped / cached measured table (CASES selects the rows)
     bench ;;
   all)

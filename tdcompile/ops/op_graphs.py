@@ -150,8 +150,17 @@ def launch(ws, tag: tuple, tensors, body: Callable[[], object]) -> str:
 def _capture(tag: tuple, body: Callable[[], object]):
     """``body`` captured on a side stream into a graph of the shared pool, or None if it cannot be."""
     if _STATE["pool"] is None:
-        _STATE["pool"] = torch.cuda.graph_pool_handle()
-        _STATE["stream"] = torch.cuda.Stream()
+        _STATE["pool"], _STATE["stream"] = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+        # a graph that lives as long as the process holds the pool: when the last op graph of a
+        # pool is dropped (a grown region voids them all) torch releases the pool, and the next
+        # capture into that handle fails (allocator assert "use_count > 0", 4xH200, 2026-11-27)
+        cell = torch.zeros(1, device="cuda")
+        anchor = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(_STATE["stream"]):
+            anchor.capture_begin(pool=_STATE["pool"], capture_error_mode="thread_local")
+            cell.add_(1)
+            anchor.capture_end()
+        _STATE["anchor"] = (anchor, cell)
     stream, g = _STATE["stream"], torch.cuda.CUDAGraph()
     torch.cuda.synchronize()                 # no pending frees or queries while this thread captures
     try:
