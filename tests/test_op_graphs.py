@@ -129,3 +129,25 @@ def test_turning_replays_off_changes_the_digest_of_host_entries_only(monkeypatch
     off = measured.impl_digest("all_gather_gemm", "host:fused:ce"), measured.impl_digest("all_gather_gemm", "fused:ce")
     measured._DIGESTS.clear()
     assert on[0] != off[0] and on[1] == off[1]
+
+
+def test_the_op_glue_allocates_outputs_first_and_runs_the_body_inside_an_outer_capture(fake_capture, monkeypatch):
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    ws, x, bodies = _Ws(), torch.ones(4), []
+    out_buf = torch.empty(4)                               # what the allocator hands out each call
+
+    def body(w, outs):
+        bodies.append(outs[0] is out_buf)
+        outs[0].copy_(x * 2)
+
+    run = op_graphs.fused("all_reduce", "fused:two_shot", (), (x,), lambda: (out_buf,), body, lambda o: o[0])
+    assert all(run(ws) is out_buf for _ in range(3))
+    assert bodies == [True] and op_graphs.STATS == {"eager": 1, "capture": 1, "replay": 1}
+    capturing[0] = True                                    # e.g. the Engine capturing a decode step
+    run(ws)
+    assert bodies == [True, True] and op_graphs.STATS["replay"] == 1
+    capturing[0] = False
+    lamport = op_graphs.fused("all_reduce", "fused:lamport", (), (x,), lambda: (out_buf,), body, lambda o: o[0])
+    lamport(ws)
+    assert len(bodies) == 3 and sum(op_graphs.STATS.values()) == 3   # not replayable: the body ran, nothing counted
