@@ -47,6 +47,11 @@ gate() {   # gate "<tests>" "<op/impl,...>": the candidates leave auto when thei
   TDCOMPILE_SPIN_TIMEOUT_S=5 step "${SIM_T:-120}" python3 -m pytest -q -rs -p no:cacheprovider -m gpu $1 \
     || { SKIPS="${SKIPS:+$SKIPS,}$2"; echo "== leaving out of auto: $2" | tee -a "$LOG"; }
 }
+opg_gate() {   # replayed op graphs (ops/op_graphs.py): their real-process test gates them
+  TDCOMPILE_SPIN_TIMEOUT_S=5 step "${OPG_T:-200}" python3 -m pytest -q -rs -s -p no:cacheprovider -m multigpu \
+    tests/gpu/test_op_graphs_real.py || { export TDCOMPILE_OP_GRAPHS=0
+      echo "== op graph tests failed: replays off (TDCOMPILE_OP_GRAPHS=0)" | tee -a "$LOG"; }
+}
 case ${STAGE:-prep} in
   full)
     SKIPS=${TDCOMPILE_SKIP_CANDIDATES:-}
@@ -67,9 +72,7 @@ case ${STAGE:-prep} in
     fi
     export TDCOMPILE_SKIP_CANDIDATES=$SKIPS
     if [[ -n ${OPG:-} ]]; then   # replayed op graphs (ops/op_graphs.py): their real-process test gates them
-      TDCOMPILE_SPIN_TIMEOUT_S=5 step "${OPG_T:-200}" python3 -m pytest -q -rs -s -p no:cacheprovider -m multigpu \
-        tests/gpu/test_op_graphs_real.py || { export TDCOMPILE_OP_GRAPHS=0
-          echo "== op graph tests failed: replays off (TDCOMPILE_OP_GRAPHS=0)" | tee -a "$LOG"; }
+      opg_gate
     fi
     TDCOMPILE_SPIN_TIMEOUT_S=5 step "${TEST_T:-150}" python3 -m pytest -q -rs -p no:cacheprovider -m multigpu \
       ${MG_TESTS:-tests/gpu/test_multigpu.py::test_every_family_runs_and_matches_unfused} \
@@ -107,9 +110,7 @@ case ${STAGE:-prep} in
       scripts/host_profile.py --out "$OUT"; fi ;;
   opg)      # op graphs gated by their real-process test (and the family test), tables at W=NP and W=2,
             # rows at TP=NP, then rows at TP=2 on GPUs 0,1 (CASES2, COLUMNS2)
-    TDCOMPILE_SPIN_TIMEOUT_S=5 step "${OPG_T:-200}" python3 -m pytest -q -rs -s -p no:cacheprovider -m multigpu \
-      tests/gpu/test_op_graphs_real.py || { export TDCOMPILE_OP_GRAPHS=0
-        echo "== op graph tests failed: replays off (TDCOMPILE_OP_GRAPHS=0)" | tee -a "$LOG"; }
+    opg_gate
     [[ -z ${MG_TESTS:-} ]] || TDCOMPILE_SPIN_TIMEOUT_S=5 step "${TEST_T:-150}" python3 -m pytest -q -rs -p no:cacheprovider \
       -m multigpu $MG_TESTS || { export TDCOMPILE_OP_GRAPHS=0; echo "== family test failed: replays off" | tee -a "$LOG"; }
     calibrate

@@ -53,7 +53,6 @@ def _noop7(p, off, e, err, code, r, t, BLOCK: tl.constexpr):
 
 
 def _primitives(ws) -> dict:
-
     from tdcompile.measure import host_us
     from tdcompile.kernels import signals as sig
     from tdcompile.kernels.symm import MAX_WORLD, PAD_SLOTS

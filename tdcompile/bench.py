@@ -279,7 +279,7 @@ def bench_main(args) -> dict:
         res = {**meta, "large_batch": large, "iters": args.iters, "columns": done, "rows": tab,
                "tdist_ops_ran": ran, "ops_by_column": by_column, "traces": traced, "burst_ms": burst,
                "inference": ctx["infer"], "errors": errors, "notes": notes, "complete": all(c in done for c in avail),
-               "op_graphs": dict(__import__("tdcompile.ops.op_graphs", fromlist=["STATS"]).STATS)}
+               "op_graphs": dict(op_graphs.STATS)}
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
             with open(stem + ".json", "w") as f:
@@ -288,7 +288,7 @@ def bench_main(args) -> dict:
                                      f"{meta['machine'].get('gpu', 'CPU')}")
         return res
 
-    from tdcompile.ops import cuda as opc
+    from tdcompile.ops import cuda as opc, op_graphs
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # several backends
     rank_of = {"eager": 0, "inductor": 1, "async_tp": 2, "bound": 3, "tdist": 4}   # baselines first
     order = sorted(avail, key=lambda c: rank_of.get(c, 5))

@@ -33,3 +33,23 @@ def expect_all_ok(target, world: int, *args, timeout: float = 400) -> None:
         pytest.skip(f"needs {world} GPUs")
     res = spawn(target, world, *args, timeout=timeout)
     assert all(v == "ok" for v in res.values()), res
+
+
+def init_rank(rank: int, world: int, port: int, **env: str):
+    """In a spawned rank: the launcher's safe environment plus ``env``, this rank's GPU, the NCCL
+    group; returns ``torch.distributed``."""
+    import os
+    import torch
+    import torch.distributed as dist
+    from tdcompile.launch import SAFE_ENV
+    os.environ.update(SAFE_ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME="lo",
+                      **env)
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    return dist
+
+
+def failure(e: BaseException) -> str:
+    """What a rank reports for an exception: type, message and the end of the traceback."""
+    import traceback
+    return f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"

@@ -311,15 +311,11 @@ def test_peer_never_arrives(op, variant):
 
 
 # ------------------------------------------------------------------------------ real processes
-from tdcompile.launch import SAFE_ENV as ENV  # noqa: E402
 
 
 def _worker(rank, world_size, port, q):
-    os.environ.update(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TDCOMPILE_SPIN_TIMEOUT_S="60",
-                      TDCOMPILE_MAX_M="4096", NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME="lo")
-    import torch.distributed as dist
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=torch.device("cuda", rank))
+    from real_ranks import init_rank
+    dist = init_rank(rank, world_size, port, TDCOMPILE_SPIN_TIMEOUT_S="60", TDCOMPILE_MAX_M="4096")
     try:
         from tdcompile.kernels.all_reduce import all_reduce, symm_input
         from tdcompile.kernels.all_reduce_rmsnorm import all_reduce_rmsnorm

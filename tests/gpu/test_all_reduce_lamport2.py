@@ -6,7 +6,6 @@ peer, oversize input) is tested with the one-shot kernel's, in test_all_reduce_l
 sum (the owner of a shard casts once, every rank receives its bits).  Here: the offline PTX
 (``pytest --noconftest -m gpu -k ptx <this file>`` on a CPU machine), the chunk-size check and
 real processes."""
-import os
 import random
 import re
 
@@ -50,12 +49,8 @@ def test_bad_num_warps_is_refused():
 
 # ------------------------------------------------------------------------------ real processes
 def _worker(rank, world_size, port, q):
-    from tdcompile.launch import SAFE_ENV
-    os.environ.update(SAFE_ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TDCOMPILE_SPIN_TIMEOUT_S="5",
-                      NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME="lo")
-    import torch.distributed as dist
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=torch.device("cuda", rank))
+    from real_ranks import init_rank
+    dist = init_rank(rank, world_size, port, TDCOMPILE_SPIN_TIMEOUT_S="5")
     done = []
     try:
         from tdcompile.kernels.all_reduce_lamport2 import all_reduce_lamport2

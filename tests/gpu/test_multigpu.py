@@ -8,13 +8,11 @@
 * A fault injected on one rank (its workspace cannot be created) makes EVERY rank run unfused
   -- no rank waits on a peer that fell back -- and the results stay right.
 """
-import os
 
 import pytest
 import torch
 
 pytestmark = pytest.mark.multigpu
-from tdcompile.launch import SAFE_ENV as ENV  # noqa: E402
 from tdcompile.measure import candidates  # noqa: E402
 IMPLS = {
     "all_reduce": ["fused:one_shot", "fused:two_shot", "fused:lamport", "fused:lamport2", "symm_mem:one_shot",
@@ -52,14 +50,10 @@ def _call(op, impl, x, a, b, sh, g, W):
 
 
 def _worker(rank, world, port, q, fault):
-    os.environ.update(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TDCOMPILE_SPIN_TIMEOUT_S="5",
-                      TDCOMPILE_MAX_M="4096", NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME="lo")
-    if fault:
-        os.environ["TDCOMPILE_FAULT_INJECT"] = "fused:1"
     import random
-    import torch.distributed as dist
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    from real_ranks import failure, init_rank
+    dist = init_rank(rank, world, port, TDCOMPILE_SPIN_TIMEOUT_S="5", TDCOMPILE_MAX_M="4096",
+                     **({"TDCOMPILE_FAULT_INJECT": "fused:1"} if fault else {}))
     try:
         import tdcompile.ops  # noqa: F401
         import tdcompile.ops.cuda as opc
@@ -131,8 +125,7 @@ def _worker(rank, world, port, q, fault):
         else:
             q.put((rank, "ok"))
     except BaseException as e:  # noqa: BLE001
-        import traceback
-        q.put((rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
+        q.put((rank, failure(e)))
         raise
 
 

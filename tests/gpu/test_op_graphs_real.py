@@ -11,7 +11,6 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.multigpu
-from tdcompile.launch import SAFE_ENV as ENV  # noqa: E402
 
 PICKS = [("all_reduce", "fused:two_shot"), ("all_reduce", "fused:one_shot"), ("gemm_all_reduce", "fused:two_shot"),
          ("all_reduce_rmsnorm", "fused:two_shot"), ("gemm_all_reduce_rmsnorm", "fused:one_shot"),
@@ -19,11 +18,8 @@ PICKS = [("all_reduce", "fused:two_shot"), ("all_reduce", "fused:one_shot"), ("g
 
 
 def _worker(rank, world, port, q):
-    os.environ.update(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TDCOMPILE_SPIN_TIMEOUT_S="5",
-                      TDCOMPILE_MAX_M="4096", NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME="lo")
-    import torch.distributed as dist
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    from real_ranks import failure, init_rank
+    dist = init_rank(rank, world, port, TDCOMPILE_SPIN_TIMEOUT_S="5", TDCOMPILE_MAX_M="4096")
     try:
         import tdcompile.ops  # noqa: F401
         import tdcompile.ops.cuda as opc
@@ -75,8 +71,7 @@ def _worker(rank, world, port, q):
             dist.barrier()
         q.put((rank, "ok"))
     except BaseException as e:  # noqa: BLE001
-        import traceback
-        q.put((rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
+        q.put((rank, failure(e)))
         raise
 
 
