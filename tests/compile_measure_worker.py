@@ -1,4 +1,4 @@
-"""One gloo rank of ``test_compile_time_measure``: ``python compile_measure_worker.py RANK PORT CACHE
+"""One gloo rank of ``test_compile_time_measure``: ``python compile_measure_worker.py RANK RDZV CACHE
 SCENARIO`` compiles the HF-shaped toy tail (row-parallel linear -> all_reduce -> + residual ->
 RMSNorm) with the whole tdist backend, as on a GPU (``backend._on_gpu`` -> True), with the
 measuring harness replaced by a stub that times nothing but runs a real gloo collective, and
@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 
 
-def main(rank: int, port: int, cache: str, scenario: str) -> dict:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      TDCOMPILE_CACHE_DIR=os.path.join(cache, f"rank{rank}"))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def main(rank: int, rdzv: str, cache: str, scenario: str) -> dict:
+    import gloo_ranks
+    os.environ.update(TDCOMPILE_CACHE_DIR=os.path.join(cache, f"rank{rank}"))
+    gloo_ranks.init(rank, 2, rdzv)
     import tdcompile
     from tdcompile import backend, measure
     from tdcompile.config import Options
@@ -65,6 +65,6 @@ def main(rank: int, port: int, cache: str, scenario: str) -> dict:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    r = main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    r = main(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
     print("RESULT " + json.dumps(r), flush=True)
     dist.destroy_process_group()

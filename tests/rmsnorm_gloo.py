@@ -1,6 +1,6 @@
 """2 gloo ranks for the ``all_reduce_rmsnorm`` numerics: the cases, the worker and its runner.
 
-``python tests/rmsnorm_gloo.py RANK PORT [CASE ...]`` runs the named cases of ``NUMERICS`` on one
+``python tests/rmsnorm_gloo.py RANK RDZV [CASE ...]`` runs the named cases of ``NUMERICS`` on one
 rank: the toys of ``rmsnorm_toys`` (bitwise equal to eager, the op is HF's arithmetic), the
 unmodified tiny HF Qwen3 and Llama under HF's ``tp_plan`` through ``compile_post_grad``, and the
 same HF models through the whole tdist backend. ``start_ranks`` / ``collect`` / ``run_ranks`` run
@@ -121,9 +121,8 @@ HF_CASES = [n for n in NUMERICS if n.startswith(("qwen3", "llama"))]
 BACKEND_CASES = [n for n in NUMERICS if n.startswith("backend_")]
 
 
-def _numerics_worker(rank: int, port: int, names: list) -> dict:
-    torch.set_num_threads(1)   # two ranks share the cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W)
+def _numerics_worker(rank: int, rdzv: str, names: list) -> dict:
+    gloo_ranks.init(rank, W, rdzv)
     out = {}
     try:
         for name in names:
@@ -143,14 +142,14 @@ def start_ranks(names: list) -> list:
 
 
 def collect(procs: list) -> list[dict]:
-    return gloo_ranks.collect(procs, timeout=300)
+    return gloo_ranks.collect(procs)
 
 
 def run_ranks(names: list) -> list[dict]:
     return collect(start_ranks(names))
 
 
-if __name__ == "__main__":   # numerics worker: python tests/rmsnorm_gloo.py RANK PORT
+if __name__ == "__main__":   # numerics worker: python tests/rmsnorm_gloo.py RANK RDZV
     logging.basicConfig(level=logging.WARNING)
-    print("RESULT " + json.dumps(_numerics_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:] or list(NUMERICS))),
+    print("RESULT " + json.dumps(_numerics_worker(int(sys.argv[1]), sys.argv[2], sys.argv[3:] or list(NUMERICS))),
           flush=True)

@@ -16,7 +16,11 @@ WORKER = "tests/compile_measure_worker.py"
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     procs = {s: gloo_ranks.start(WORKER, 2, str(tmp_path_factory.mktemp(s)), s) for s in ("fused_wins", "tie", "dynamic", "host")}
-    return {s: gloo_ranks.collect(p) for s, p in procs.items()}
+    try:
+        return {s: gloo_ranks.collect(p) for s, p in procs.items()}
+    finally:                               # one scenario failed: the others' ranks do not outlive it
+        for p in procs.values():
+            gloo_ranks.kill(p)
 
 
 def test_a_shape_missing_from_the_table_is_measured_while_compiling_by_every_rank(runs):

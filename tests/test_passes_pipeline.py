@@ -262,7 +262,7 @@ def test_compiled_gemm_all_reduce_matches_eager_through_inductor(fake_pg):
 # ============================================================================ numerics on 2 gloo ranks
 @pytest.fixture(scope="module")
 def gloo_numerics():
-    return gloo_ranks.collect(gloo_ranks.start(toy_passes.__file__, W), timeout=180)  # python tests/toy_passes.py RANK PORT
+    return gloo_ranks.collect(gloo_ranks.start(toy_passes.__file__, W))  # python tests/toy_passes.py RANK RDZV
 
 
 @pytest.mark.parametrize("case", NUMERICS_CASES)

@@ -9,7 +9,7 @@ match fields from the report.
 
 Numerics of the rewrites (split/cat permutations, bias, row padding of the sequence-parallel
 rewrite): ``numerics_cases`` run the original and the rewritten graph modules on 2 real gloo ranks,
-this module being the worker (``python tests/toy_passes.py RANK PORT``).
+this module being the worker (``python tests/toy_passes.py RANK RDZV``).
 """
 from __future__ import annotations
 
@@ -293,8 +293,9 @@ def numerics_cases(rank):
 NUMERICS_CASES = list(numerics_cases(0))
 
 
-def _numerics_worker(rank: int, port: int) -> dict:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W)
+def _numerics_worker(rank: int, rdzv: str) -> dict:
+    import gloo_ranks
+    gloo_ranks.init(rank, W, rdzv)
     out = {}
     try:
         for name, (fn, args, options) in numerics_cases(rank).items():
@@ -316,6 +317,6 @@ def _numerics_worker(rank: int, port: int) -> dict:
     return out
 
 
-if __name__ == "__main__":   # numerics worker: python tests/toy_passes.py RANK PORT
+if __name__ == "__main__":   # numerics worker: python tests/toy_passes.py RANK RDZV
     logging.basicConfig(level=logging.WARNING)
-    print("RESULT " + json.dumps(_numerics_worker(int(sys.argv[1]), int(sys.argv[2]))), flush=True)
+    print("RESULT " + json.dumps(_numerics_worker(int(sys.argv[1]), sys.argv[2])), flush=True)
