@@ -109,6 +109,27 @@ def test_least_recently_replayed_graphs_are_dropped_beyond_the_bound(fake_captur
     assert _call(ws, x, outs[0]) == ("capture", False)    # dropped, still remembered: captured again
 
 
+def test_a_signature_whose_captures_are_never_replayed_stops_capturing(fake_capture, monkeypatch):
+    monkeypatch.setattr(op_graphs, "CHURN_CAPTURES", 4)
+    ws, x = _Ws(), torch.zeros(8)
+    for _ in range(4):                                    # each output address comes back once only
+        out = torch.zeros(8)
+        assert [_call(ws, x, out)[0] for _ in range(2)] == ["eager", "capture"]
+    out = torch.zeros(8)
+    assert [_call(ws, x, out)[0] for _ in range(3)] == ["eager", "eager", "eager"]   # tripped: eager for good
+    assert len(fake_capture) == 4 and op_graphs.STATS["unstable"] == 1
+    assert _call(ws, x, out, ("all_reduce", "fused:one_shot", ()))[0] == "eager"      # other signatures
+    assert _call(ws, x, out, ("all_reduce", "fused:one_shot", ()))[0] == "capture"    # keep capturing
+
+
+def test_a_model_with_as_many_call_sites_as_the_bound_captures_them_all_and_replays(fake_capture, monkeypatch):
+    monkeypatch.setattr(op_graphs, "CHURN_CAPTURES", 4)
+    ws, x, outs = _Ws(), torch.zeros(8), [torch.zeros(8) for _ in range(4)]   # 4 layers, one signature
+    forwards = [[_call(ws, x, o)[0] for o in outs] for _ in range(5)]
+    assert forwards == [["eager"] * 4, ["capture"] * 4] + [["replay"] * 4] * 3
+    assert op_graphs.STATS["unstable"] == 0
+
+
 def test_only_impls_whose_state_lives_on_the_device_are_replayed(monkeypatch):
     assert op_graphs.replayable("all_gather_gemm", "fused:ce")
     assert op_graphs.replayable("gemm_all_reduce_rmsnorm", "fused:two_shot")

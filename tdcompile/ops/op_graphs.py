@@ -32,6 +32,16 @@ The first launch of a signature stays eager (it compiles kernels and meets the p
 host barrier of ``ops.cuda._run``).  Inside an outer capture (Engine decode, bench graphed
 rows, ``measure.graph_us``) the body is simply captured into that graph.
 
+**Addresses that do not repeat.**  A call site replays only while its tensors keep their
+addresses (a model's steady state: the caching allocator hands out the same blocks every
+forward).  Where they change on every call (a caller that keeps many earlier outputs alive),
+each call is a first sighting and runs eagerly -- at the eager host time, not the replayed one
+that ``auto`` was charged -- and a key seen exactly twice costs a capture that is never replayed.
+So a signature whose captures are not paid back stops capturing: after ``CHURN_CAPTURES``
+captures with fewer later replays than captures, its calls run eagerly for good, with a warning
+(``STATS["unstable"]``).  A model of up to ``CHURN_CAPTURES`` call sites per signature captures
+them all in its second forward and replays them from the third on, so it never trips this.
+
 ``TDCOMPILE_OP_GRAPHS=0`` turns replays off; the measured table's host entries then no longer
 match (their digest includes the setting), so they are measured again.
 """
@@ -57,12 +67,16 @@ REPLAYABLE = {
 """(op -> impls) whose one-call body is safe to replay: all state they advance lives on the device."""
 MAX_GRAPHS = int(os.environ.get("TDCOMPILE_OP_GRAPHS_MAX", "1024"))
 """Captured graphs kept (least recently replayed dropped first): one per op call site of a model."""
+CHURN_CAPTURES = 256
+"""Captures of one signature (op, impl, shapes; all call sites and workspaces) after which, if its
+graphs were replayed fewer times than captured, it stops capturing and runs eagerly."""
 STATS: collections.Counter = collections.Counter()
-"""``"replay" | "capture" | "eager" | "capture_failed" | "dropped"`` -> calls (tests, reports)."""
+"""``"replay" | "capture" | "eager" | "capture_failed" | "dropped" | "unstable"`` -> calls."""
 
 _GRAPHS: "collections.OrderedDict[tuple, torch.cuda.CUDAGraph | None]" = collections.OrderedDict()
 _SEEN: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
 _GEN: dict[str, int] = {}
+_PAYBACK: dict[tuple, list] = {}          # tag -> [captures, replays after capture]; None: stopped
 _STATE: dict = {"pool": None, "stream": None}
 
 
@@ -79,6 +93,7 @@ def clear() -> None:
     _GRAPHS.clear()
     _SEEN.clear()
     _GEN.clear()
+    _PAYBACK.clear()
 
 
 def empty(shape, like: torch.Tensor) -> torch.Tensor:
@@ -125,7 +140,15 @@ def launch(ws, tag: tuple, tensors, body: Callable[[], object]) -> str:
         _GRAPHS.move_to_end(key)
         g.replay()
         STATS["replay"] += 1
+        pay = _PAYBACK.get(tag)
+        if pay is not None:
+            pay[1] += 1
         return "replay"
+    pay = _PAYBACK.setdefault(tag, [0, 0])
+    if pay is None:                                             # its addresses never repeat: eager
+        body()
+        STATS["eager"] += 1
+        return "eager"
     if key not in _SEEN:                                        # first sighting: remember, run eagerly
         _SEEN[key] = None
         while len(_SEEN) > 4 * MAX_GRAPHS:
@@ -133,6 +156,15 @@ def launch(ws, tag: tuple, tensors, body: Callable[[], object]) -> str:
         body()
         STATS["eager"] += 1
         return "eager"
+    if pay[0] >= CHURN_CAPTURES and pay[1] < pay[0]:           # captures not paid back: stop capturing
+        _PAYBACK[tag] = None
+        STATS["unstable"] += 1
+        log.warning("tdist::%s %s: call addresses keep changing (%d graphs captured, %d replays): its calls "
+                    "run eagerly from now on, at the eager host time", tag[0], tag[1], pay[0], pay[1])
+        body()
+        STATS["eager"] += 1
+        return "eager"
+    pay[0] += 1
     g = _capture(tag, body)
     _GRAPHS[key] = g
     while len(_GRAPHS) > MAX_GRAPHS:
