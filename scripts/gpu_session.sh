@@ -11,6 +11,8 @@
 #                                             # left out of auto), real-process tests (failing: NEW_CANDIDATES
 #                                             # are left out), all-reduce bench, calibrate (SP=1: with the
 #                                             # sequence-parallel keys), bench (given what is left of DEADLINE s)
+# REUSE=1: calibrate keeps shipped entries whose code is unchanged and measures only the stale or
+# missing candidates (e.g. host entries after a change to the op dispatch path): seconds, not minutes.
 set -uo pipefail
 OUT=${OUT:-/tmp/tdcompile_gpu}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -29,7 +31,7 @@ step() { local t=$1; shift; echo "== $(date +%T) $*" | tee -a "$LOG"; timeout "$
 calibrate() {
   local NP=${NP}
   TDCOMPILE_SPIN_TIMEOUT_S=5 step "${CAL_T:-240}" torchrun --nproc_per_node "$NP" -m tdcompile calibrate \
-    --model qwen3-32b --rows "${MS:-128,4096}" ${SP:+--sp} --ship --report "$OUT/calibrate-tp$NP.json" --out "$OUT/profile-tp$NP.json"
+    --model qwen3-32b --rows "${MS:-128,4096}" ${SP:+--sp} ${REUSE:+--reuse} --ship --report "$OUT/calibrate-tp$NP.json" --out "$OUT/profile-tp$NP.json"
   cp tdcompile/profiles/measured/*w"$NP"*.json "$OUT/" 2>/dev/null
 }
 inspect() {   # the report on a GPU: every match with its candidates' measured microseconds

@@ -67,8 +67,8 @@ _DIGESTS: dict[tuple, str] = {}
 
 def impl_files(op: str, impl: str) -> list[str]:
     """The package files (relative paths) whose code decides how fast ``impl`` runs ``op``."""
-    if impl.startswith(HOST):          # host time: the op's Python launch path (and its replays) decide it too
-        return sorted(set(impl_files(op, impl[len(HOST):]) + ["ops/cuda.py", "ops/op_graphs.py"]))
+    if impl.startswith(HOST):          # host time: the op's dispatch, Python launch path and replays decide it too
+        return sorted(set(impl_files(op, impl[len(HOST):]) + ["ops/cuda.py", "ops/library.py", "ops/op_graphs.py"]))
     fam, var = impl.split(":", 1)[0], (impl.split(":", 1)[1] if ":" in impl else "")
     rms = op in ("all_reduce_rmsnorm", "gemm_all_reduce_rmsnorm")
     if fam == "unfused":                   # NCCL + cuBLAS: covered by the torch version in the env,

@@ -369,10 +369,10 @@ def test_every_candidate_is_measured_with_its_host_time_but_the_gemm_reference_i
     assert measure.candidates("gemm") == ["unfused"]
 
 
-def test_a_host_time_entry_is_keyed_by_the_candidates_files_and_the_op_launch_path():
+def test_a_host_time_entry_is_keyed_by_the_candidates_files_and_the_op_dispatch_and_launch_path():
     files = measured.impl_files("all_gather_gemm", "host:fused:ce")
     assert set(measured.impl_files("all_gather_gemm", "fused:ce")) <= set(files) and "ops/cuda.py" in files
-    assert measured.impl_files("all_reduce", "host:unfused") == ["ops/cuda.py", "ops/op_graphs.py"]
+    assert measured.impl_files("all_reduce", "host:unfused") == ["ops/cuda.py", "ops/library.py", "ops/op_graphs.py"]
 
 
 def test_a_candidate_can_be_skipped_for_one_op_only(monkeypatch):

@@ -1,7 +1,15 @@
-"""Definitions of the ``tdist::*`` custom ops: schema, fake impl, default (reference) impl.
+"""Definitions of the ``tdist::*`` ops: schema, fake impl, default (reference) impl.
 
-The default implementation of each op, used on every device that has no specific
-kernel registered, is the reference (``reference.py``). ``cuda.py`` registers the CUDA
+The ops are defined on a plain ``torch.library.Library`` rather than with
+``torch.library.custom_op``: a call of an op defined by ``custom_op`` passes through three
+Python layers (its autograd wrapper, a redispatch and its backend wrapper with an aliasing
+check) before reaching the kernel; an op defined here goes from the C++ dispatcher straight to
+the registered function.  These ops run in Inductor's un-graphed wrapper code, where that host
+time counts: ~35 against ~15 us per call on a 2-core CPU (``tests/test_op_dispatch.py``).  They
+have no autograd formula (inference ops; the pass inserts them after AOTAutograd).
+
+The default implementation of each op, used on every device that has no specific kernel
+registered, is the reference (``reference.py``); ``cuda.py`` registers the CUDA
 implementations behind the same ops.
 """
 from __future__ import annotations
@@ -13,7 +21,30 @@ import torch
 from tdcompile.config import check_impl as _check_impl
 from tdcompile.ops import reference as ref
 
-OP_NAMES = ("all_reduce", "gemm_all_reduce", "all_gather_gemm", "gemm_reduce_scatter")
+LIB = torch.library.Library("tdist", "DEF")
+
+SCHEMAS = {
+    "all_reduce": "(Tensor x, str group_name, str impl='auto') -> Tensor",
+    "gemm_all_reduce": "(Tensor a, Tensor b, Tensor? bias, str group_name, str impl='auto') -> Tensor",
+    "all_gather_gemm": "(Tensor a_shard, Tensor[] bs, int world_size, str group_name, bool return_a=False, "
+                       "str impl='auto') -> (Tensor, Tensor[])",
+    "gemm_reduce_scatter": "(Tensor a, Tensor b, Tensor? bias, int world_size, str group_name, "
+                           "str impl='auto') -> Tensor",
+    "all_reduce_rmsnorm": "(Tensor x, Tensor residual, Tensor weight, float eps, str group_name, "
+                          "str impl='auto') -> (Tensor, Tensor)",
+    "gemm_all_reduce_rmsnorm": "(Tensor a, Tensor b, Tensor? bias, Tensor residual, Tensor weight, float eps, "
+                               "str group_name, str impl='auto') -> (Tensor, Tensor)",
+}
+"""op -> schema (without the name).  Every op returns new tensors (no aliasing, no mutation)."""
+OP_NAMES = tuple(SCHEMAS)
+
+
+def _op(name: str, reference, fake):
+    """Define ``tdist::name`` with ``reference`` as its implementation on every device (until a
+    device registers its own) and ``fake`` for tracing."""
+    LIB.define(name + SCHEMAS[name])
+    LIB.impl(name, reference, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"tdist::{name}", fake, lib=LIB)
 
 
 def _mm_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -21,20 +52,17 @@ def _mm_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- all_reduce
-@torch.library.custom_op("tdist::all_reduce", mutates_args=())
 def all_reduce(x: torch.Tensor, group_name: str, impl: str = "auto") -> torch.Tensor:
     """Sum of ``x`` over the ranks of ``group_name``."""
     _check_impl(impl)
     return ref.all_reduce(x, group_name)
 
 
-@all_reduce.register_fake
-def _(x, group_name, impl="auto"):
+def _all_reduce_fake(x, group_name, impl="auto"):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 # ----------------------------------------------------------- gemm_all_reduce
-@torch.library.custom_op("tdist::gemm_all_reduce", mutates_args=())
 def gemm_all_reduce(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], group_name: str,
                     impl: str = "auto") -> torch.Tensor:
     """``all_reduce(a @ b + bias)``; ``a`` [M, K], ``b`` [K, N], ``bias`` [N] or None."""
@@ -42,13 +70,11 @@ def gemm_all_reduce(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tenso
     return ref.gemm_all_reduce(a, b, bias, group_name)
 
 
-@gemm_all_reduce.register_fake
-def _(a, b, bias, group_name, impl="auto"):
+def _gemm_all_reduce_fake(a, b, bias, group_name, impl="auto"):
     return _mm_out(a, b)
 
 
 # ----------------------------------------------------------- all_gather_gemm
-@torch.library.custom_op("tdist::all_gather_gemm", mutates_args=())
 def all_gather_gemm(a_shard: torch.Tensor, bs: list[torch.Tensor], world_size: int, group_name: str,
                     return_a: bool = False, impl: str = "auto") -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Gather ``a_shard`` [m, K] from every rank along dim 0 into A [world*m, K] and
@@ -57,15 +83,13 @@ def all_gather_gemm(a_shard: torch.Tensor, bs: list[torch.Tensor], world_size: i
     return ref.all_gather_gemm(a_shard, bs, world_size, group_name, return_a)
 
 
-@all_gather_gemm.register_fake
-def _(a_shard, bs, world_size, group_name, return_a=False, impl="auto"):
+def _all_gather_gemm_fake(a_shard, bs, world_size, group_name, return_a=False, impl="auto"):
     m_full = a_shard.shape[0] * world_size
     a_full = a_shard.new_empty((m_full, a_shard.shape[1])) if return_a else a_shard.new_empty(0)
     return a_full, [a_shard.new_empty((m_full, b.shape[1])) for b in bs]
 
 
 # ------------------------------------------------------- gemm_reduce_scatter
-@torch.library.custom_op("tdist::gemm_reduce_scatter", mutates_args=())
 def gemm_reduce_scatter(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], world_size: int,
                         group_name: str, impl: str = "auto") -> torch.Tensor:
     """``reduce_scatter(a @ b + bias)`` along dim 0: rank r gets rows [r*M/w, (r+1)*M/w)."""
@@ -73,14 +97,12 @@ def gemm_reduce_scatter(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.T
     return ref.gemm_reduce_scatter(a, b, bias, world_size, group_name)
 
 
-@gemm_reduce_scatter.register_fake
-def _(a, b, bias, world_size, group_name, impl="auto"):
+def _gemm_reduce_scatter_fake(a, b, bias, world_size, group_name, impl="auto"):
     torch._check(a.shape[0] % world_size == 0, lambda: "gemm_reduce_scatter: M must divide by world_size")
     return a.new_empty((a.shape[0] // world_size, b.shape[1]))
 
 
 # ------------------------------------------------------- all_reduce_rmsnorm
-@torch.library.custom_op("tdist::all_reduce_rmsnorm", mutates_args=())
 def all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group_name: str,
                        impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``new_residual = residual + all_reduce(x)``; ``normed = RMSNorm(new_residual) * weight`` exactly
@@ -91,8 +113,7 @@ def all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return ref.all_reduce_rmsnorm(x, residual, weight, eps, group_name)
 
 
-@all_reduce_rmsnorm.register_fake
-def _(x, residual, weight, eps, group_name, impl="auto"):
+def _all_reduce_rmsnorm_fake(x, residual, weight, eps, group_name, impl="auto"):
     torch._check(x.shape == residual.shape, lambda: "all_reduce_rmsnorm: x and residual must have the same shape")
     new_residual = torch.empty_like(residual, dtype=torch.promote_types(x.dtype, residual.dtype),
                                     memory_format=torch.contiguous_format)
@@ -101,11 +122,7 @@ def _(x, residual, weight, eps, group_name, impl="auto"):
     return normed, new_residual
 
 
-OP_NAMES = (*OP_NAMES, "all_reduce_rmsnorm")  # appended with its op (this file is extended at its end)
-
-
 # -------------------------------------------------- gemm_all_reduce_rmsnorm
-@torch.library.custom_op("tdist::gemm_all_reduce_rmsnorm", mutates_args=())
 def gemm_all_reduce_rmsnorm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
                             weight: torch.Tensor, eps: float, group_name: str,
                             impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,12 +134,12 @@ def gemm_all_reduce_rmsnorm(a: torch.Tensor, b: torch.Tensor, bias: Optional[tor
     return ref.gemm_all_reduce_rmsnorm(a, b, bias, residual, weight, eps, group_name)
 
 
-@gemm_all_reduce_rmsnorm.register_fake
-def _(a, b, bias, residual, weight, eps, group_name, impl="auto"):
+def _gemm_all_reduce_rmsnorm_fake(a, b, bias, residual, weight, eps, group_name, impl="auto"):
     torch._check(residual.shape[-1] == b.shape[1],
                  lambda: "gemm_all_reduce_rmsnorm: residual's last dim must be the GEMM's N")
     new_residual = torch.empty_like(residual, memory_format=torch.contiguous_format)
     return torch.empty_like(new_residual), new_residual
 
 
-OP_NAMES = (*OP_NAMES, "gemm_all_reduce_rmsnorm")
+for _name in OP_NAMES:
+    _op(_name, globals()[_name], globals()[f"_{_name}_fake"])
