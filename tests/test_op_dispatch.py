@@ -1,4 +1,5 @@
-"""How a ``tdist::*`` call reaches its kernel: straight from the C++ dispatcher, with no Python
+"""The ``tdist::*`` op definitions (``ops/library.py``): torch's own checks of every op (schema,
+fake impl against the reference, tracing through AOT), and how a call reaches its kernel: straight from the C++ dispatcher, with no Python
 layer of torch's between (``ops/library.py``).  In Inductor's un-graphed wrapper code each such
 layer is host time on every call.
 
@@ -9,10 +10,33 @@ registers its kernels (2-core CPU, torch 2.13, no_grad, a weight that requires g
 import sys
 import time
 
+import pytest
 import torch
 
 import tdcompile  # noqa: F401  (registers torch.ops.tdist.*)
 from tdcompile.ops import library
+
+
+def _opcheck_args(group_name: str) -> dict:
+    t = torch.randn
+    return {"all_reduce": (t(4, 8), group_name),
+            "gemm_all_reduce": (t(4, 8), t(8, 6), t(6), group_name),
+            "all_gather_gemm": (t(2, 8), [t(8, 6), t(8, 3)], 2, group_name, True),
+            "gemm_reduce_scatter": (t(4, 8), t(8, 6), None, 2, group_name),
+            "all_reduce_rmsnorm": (t(4, 8), t(4, 8), t(8), 1e-6, group_name),
+            "gemm_all_reduce_rmsnorm": (t(4, 8), t(8, 6), None, t(2, 2, 6), t(6), 1e-6, group_name)}
+
+
+@pytest.mark.parametrize("op", library.OP_NAMES)
+def test_torch_opcheck_passes_schema_fake_impl_and_aot_tracing(fake_pg, op):
+    """The fake impl gives the reference's shapes, dtypes and strides; the op traces through AOT
+    with dynamic shapes; it declares no mutation or aliasing it does not do."""
+    assert set(_opcheck_args(fake_pg)) == set(library.OP_NAMES)
+    got = torch.library.opcheck(getattr(torch.ops.tdist, op).default, _opcheck_args(fake_pg)[op],
+                                kwargs={"impl": "unfused"},
+                                test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                            "test_aot_dispatch_dynamic"))
+    assert set(got.values()) == {"SUCCESS"}, got
 
 
 def _stack_files() -> list[str]:
@@ -57,7 +81,6 @@ def test_every_op_reaches_its_device_kernel_with_no_python_layer_of_torch_librar
 
 
 def test_an_unknown_impl_is_refused_by_the_default_implementation():
-    import pytest
     with pytest.raises(ValueError, match="impl must be"):
         torch.ops.tdist.all_reduce(torch.ones(3), "0", impl="bogus")
 
