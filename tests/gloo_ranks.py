@@ -22,6 +22,8 @@ compiling workers take a few minutes)."""
 HANG_S = TIMEOUT_S - 60
 """After this long a worker dumps all its threads' stacks to stderr and exits (so a hang shows
 where it waits, before ``collect`` gives up)."""
+PG_TIMEOUT_S = 420
+"""A collective that waits this long for a peer (one that died) raises, naming the collective."""
 
 
 def free_port() -> int:
@@ -44,11 +46,14 @@ def start(worker: str, world: int, *args: str) -> list:
 
 def init(rank: int, world: int, rdzv: str) -> None:
     """A worker's process group (gloo over ``rdzv``), with the stack dump armed against a hang."""
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
     faulthandler.dump_traceback_later(float(os.environ.get("TDCOMPILE_TEST_HANG_S", HANG_S)), exit=True)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=rdzv, rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=rdzv, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=PG_TIMEOUT_S))
 
 
 def kill(procs: list) -> None:

@@ -17,6 +17,8 @@ gloo_ranks.init(rank, 2, rdzv)
 t = __import__("torch").tensor([rank + 1.0])
 if mode == "hang" and rank == 1:
     time.sleep(3600)                 # never joins: rank 0 waits in the all_reduce
+if mode == "die" and rank == 1:
+    import os; os._exit(3)           # dies (as if killed): its connections close
 dist.all_reduce(t)
 print("RESULT " + json.dumps({{"sum": float(t)}}), flush=True)
 """
@@ -39,3 +41,11 @@ def test_a_hung_rank_dumps_its_stacks_and_fails_the_test_instead_of_hanging_it(t
         gloo_ranks.collect(procs, timeout=120)
     assert "rank 0 failed" in str(e.value)
     assert "Timeout" in str(e.value) and "worker.py" in str(e.value)   # faulthandler's dump: where it waited
+
+
+def test_a_rank_that_dies_fails_the_test_at_once_naming_it(tmp_path):
+    import time
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError, match="rank [01] failed"):
+        gloo_ranks.collect(gloo_ranks.start(_worker(tmp_path), 2, "die"), timeout=120)
+    assert time.monotonic() - t0 < 60          # the peer's collective errors out; nobody waits for timeouts
