@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from gloo_ranks import free_port
+from gloo_ranks import HANG_S, PG_TIMEOUT_S, free_port
 
 WORLD = 2
 pytestmark = pytest.mark.slow
@@ -83,9 +83,12 @@ def _scenarios(tmp: str, rank: int) -> dict:
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:
+    import faulthandler
+    from datetime import timedelta
+    faulthandler.dump_traceback_later(HANG_S, exit=True)      # a hang fails the test with its stacks
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=PG_TIMEOUT_S))
     try:
         out = _scenarios(tmp, rank)
     except Exception:  # noqa: BLE001
