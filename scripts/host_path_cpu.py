@@ -41,6 +41,7 @@ import tdcompile  # noqa: E402,F401
 from tdcompile.ops import cuda as opc, op_graphs  # noqa: E402
 import tdcompile.kernels.all_reduce as k_ar  # noqa: E402
 import tdcompile.ops.gemm_all_reduce as k_gar  # noqa: E402
+from tdcompile.kernels import symm  # noqa: E402
 
 torch.library.register_kernel = _register_kernel
 
@@ -51,19 +52,22 @@ class _Graph:
 
 
 class _Ws:
-    name, generation, phase_barrier = "g", 0, None
+    """A workspace with the real error word and ``Workspace.check`` (read before each replay)."""
+    name, generation, phase_barrier, broken = "g", 0, None, False
+    check = symm.Workspace.check
 
-    def check(self):
-        pass
+    def __init__(self):
+        self.err = torch.zeros(4, dtype=torch.int32)
 
 
-def _stand_ins() -> None:
+def _stand_ins():
     ws = _Ws()
     torch.cuda.is_current_stream_capturing = lambda: False
     opc._workspace = lambda group_name: ws
     op_graphs._capture = lambda tag, body: _Graph()
     k_ar.all_reduce = lambda ws, x, out=None, variant=None: out
     k_gar.run = lambda var, ws, a, b, bias, group_name, out=None: out
+    return ws
 
 
 def _us(fn, n: int = 20000, runs: int = 5) -> float:
@@ -97,7 +101,7 @@ def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    _stand_ins()
+    ws = _stand_ins()
     x, a = torch.ones(128, 64), torch.ones(128, 64)
     w = torch.ones(64, 64, requires_grad=True)
     cases = {"all_reduce": ("fused:two_shot", (x, "g"), _ar_schema, (x,)),
@@ -117,7 +121,7 @@ def main() -> dict:
                          "custom_op_twin_us": _us(lambda: twin(*call_args, impl)),
                          "kernel_us": _us(lambda: kernel(*call_args, impl)),
                          "op_graphs_us": _us(lambda: op_graphs.fused(name, impl, sig, sig_args, lambda: (out0,),
-                                                                      lambda ws, o: None, lambda o: o[0])(_Ws())),
+                                                                      lambda ws, o: None, lambda o: o[0])(ws)),
                          "torch_empty_us": _us(lambda: torch.empty(x.shape))})
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     res = {"what": "host us per replayed call, CPU stand-ins for the GPU parts", "mode": "cpu",

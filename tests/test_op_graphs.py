@@ -98,6 +98,26 @@ def test_a_peer_timeout_raises_instead_of_replaying(fake_capture):
     assert fake_capture[0].replays == 1                   # only the replay right after its capture
 
 
+def test_a_timeout_a_kernel_wrote_into_the_error_word_raises_before_the_next_replay(fake_capture):
+    pytest.importorskip("triton")                         # decoding the word imports the kernels' helpers
+    from tdcompile.kernels import symm
+
+    class Ws:                                             # the real error word and Workspace.check
+        name, generation, world, rank, broken = "g", 0, 2, 0, False
+        check = symm.Workspace.check
+
+        def __init__(self):
+            self.err = torch.zeros(4, dtype=torch.int32)
+    ws, x, out = Ws(), torch.zeros(8), torch.zeros(8)
+    assert [_call(ws, x, out)[0] for _ in range(3)] == ["eager", "capture", "replay"]
+    ws.err[0] = (1 << 16) | (1 << 8) | 1                  # op 0, rank 1, a barrier: what a kernel writes
+    with pytest.raises(RuntimeError, match="rank 1 timed out waiting for a barrier"):
+        _call(ws, x, out)
+    with pytest.raises(RuntimeError, match="timed out"):  # and on every later call: the workspace is broken
+        _call(ws, x, out)
+    assert ws.broken and fake_capture[0].replays == 2
+
+
 def test_least_recently_replayed_graphs_are_dropped_beyond_the_bound(fake_capture, monkeypatch):
     monkeypatch.setattr(op_graphs, "MAX_GRAPHS", 2)
     ws, outs, x = _Ws(), [torch.zeros(8) for _ in range(3)], torch.zeros(8)

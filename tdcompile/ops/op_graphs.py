@@ -77,6 +77,7 @@ _GRAPHS: "collections.OrderedDict[tuple, torch.cuda.CUDAGraph | None]" = collect
 _SEEN: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
 _GEN: dict[str, int] = {}
 _PAYBACK: dict[tuple, list] = {}          # tag -> [captures, replays after capture]; None: stopped
+_ERR: dict[int, tuple] = {}               # id(workspace error word) -> (the tensor, its NumPy view)
 _STATE: dict = {"pool": None, "stream": None}
 
 
@@ -117,7 +118,21 @@ def fused(op: str, impl: str, sig: tuple, inputs: tuple, alloc: Callable[[], tup
 
 def _key(tag: tuple, ws, tensors) -> tuple:
     return (tag, ws.name, ws.generation,
-            tuple((t.data_ptr(), t.stride()) if isinstance(t, torch.Tensor) else t for t in tensors))
+            tuple([(t.data_ptr(), t.stride()) if isinstance(t, torch.Tensor) else t for t in tensors]))
+
+
+def _check(ws) -> None:
+    """``ws.check()`` (a recorded peer timeout raises) when there is anything to report: the
+    error word is read through a NumPy view of its pinned page, ~0.1 us instead of ~1 for
+    indexing the tensor on every replay."""
+    err = getattr(ws, "err", None)
+    if err is None or getattr(ws, "broken", False):
+        return ws.check()
+    view = _ERR.get(id(err))
+    if view is None or view[0] is not err:
+        view = _ERR[id(err)] = (err, err.numpy())
+    if view[1][0]:
+        ws.check()
 
 
 def launch(ws, tag: tuple, tensors, body: Callable[[], object]) -> str:
@@ -136,7 +151,7 @@ def launch(ws, tag: tuple, tensors, body: Callable[[], object]) -> str:
             body()
             STATS["eager"] += 1
             return "eager"
-        ws.check()                                              # a recorded peer timeout raises here
+        _check(ws)                                              # a recorded peer timeout raises here
         _GRAPHS.move_to_end(key)
         g.replay()
         STATS["replay"] += 1
