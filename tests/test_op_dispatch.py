@@ -5,8 +5,7 @@ layer is host time on every call.
 
 ``python tests/test_op_dispatch.py`` prints the host time of a call, against the same op defined
 with ``torch.library.custom_op``, both with a trivial kernel registered as ``ops/cuda.py``
-registers its kernels (2-core CPU, torch 2.13, no_grad, a weight that requires grad: ~15 against
-~35 us)."""
+registers its kernels (for the whole replayed path, ``scripts/host_path_cpu.py``)."""
 import sys
 import time
 
