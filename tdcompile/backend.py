@@ -321,13 +321,16 @@ def _agreed_times(key: measured.Key, m, may_measure: bool) -> tuple:
     """``(times, source, capturing)`` of ``key`` for match ``m``: agreed by every rank and measured
     if missing or stale (a collective; ``may_measure=False``: look up only), or, inside a
     CUDA-graph capture where no collective can run, the local table's entry (None on a miss)."""
+    from torch._dispatch.python import no_python_dispatcher
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from tdcompile import measure
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         hit = measured.table(m.world_size).lookup(key)
         return (hit[0], hit[1], True) if hit is not None else (None, "", True)
-    with unset_fake_temporarily(), torch.no_grad():       # real tensors, even inside Inductor's tracing
+    # real tensors, even inside Inductor's tracing; and the ops measured as they run in the compiled
+    # program, without the Python dispatcher Inductor compiles under (its host time is not theirs)
+    with unset_fake_temporarily(), no_python_dispatcher(), torch.no_grad():
         times, source = measure.agreed(key, m.group_name, may_measure=may_measure)
     return times, source, False
 

@@ -329,12 +329,24 @@ def _comm_device(pg) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(backend) else torch.device("cpu")
 
 
+def _all_reduce(t: torch.Tensor, op, pg) -> None:
+    """``dist.all_reduce`` with torch's Python dispatcher off.  Inductor runs our pass -- and so the
+    agreement collectives of ``auto`` -- with it on; then the collective's C++ call holds the GIL
+    while it waits for the process group's work queue, whose worker thread needs the GIL to free
+    the previous call's tensors: a deadlock (a gloo rank hung in ``max_over_ranks`` while
+    compiling, CI 2026-11-27; ``tests/test_measured.py`` reproduces it with plain calls)."""
+    import torch.distributed as dist
+    from torch._dispatch.python import no_python_dispatcher
+    with no_python_dispatcher():
+        dist.all_reduce(t, op=op, group=pg)
+
+
 def all_agree(ok: bool, group_name: str) -> bool:
     """True on every rank iff ``ok`` is true on every rank of the group (a collective)."""
     import torch.distributed as dist
     pg = _group(group_name)
     t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_comm_device(pg))
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=pg)
+    _all_reduce(t, dist.ReduceOp.MIN, pg)
     return bool(t.item())
 
 
@@ -343,7 +355,7 @@ def max_over_ranks(times: dict, names: list, group_name: str) -> dict:
     import torch.distributed as dist
     pg = _group(group_name)
     t = torch.tensor([float(times.get(c, math.inf)) for c in names], dtype=torch.float64, device=_comm_device(pg))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=pg)
+    _all_reduce(t, dist.ReduceOp.MAX, pg)
     return dict(zip(names, t.tolist()))
 
 

@@ -18,6 +18,8 @@ def main(rank: int, rdzv: str, cache: str, scenario: str) -> dict:
     import gloo_ranks
     os.environ.update(TDCOMPILE_CACHE_DIR=os.path.join(cache, f"rank{rank}"))
     gloo_ranks.init(rank, 2, rdzv)
+    if scenario == "storm":
+        return agreement_storm()
     import tdcompile
     from tdcompile import backend, measure
     from tdcompile.config import Options
@@ -61,6 +63,22 @@ def main(rank: int, rdzv: str, cache: str, scenario: str) -> dict:
             "reasons": {d.pattern: d.decision.reason for d in rep.matches},
             "rewritten": any("tdist.gemm_all_reduce_rmsnorm" in after for _, after in rep.graphs),
             "choices2": sorted(f"{d.pattern}={d.choice}" for d in rep2.matches), "err": err}
+
+
+def agreement_storm(n: int = 3000) -> dict:
+    """``n`` agreements back to back with torch's Python dispatcher on, as the pass runs inside
+    Inductor: plain ``dist.all_reduce`` calls deadlock here within a few hundred (the gloo worker
+    thread waits for the GIL to free the previous call's tensors while the next call holds it)."""
+    import time
+
+    from torch._dispatch.python import enable_python_dispatcher
+
+    from tdcompile import measured
+    g, t0 = dist.group.WORLD.group_name, time.perf_counter()
+    with enable_python_dispatcher():
+        for i in range(n):
+            assert measured.all_agree(True, g) and measured.max_over_ranks({"x": float(i)}, ["x"], g) == {"x": i}
+    return {"calls": 2 * n, "s": time.perf_counter() - t0}
 
 
 if __name__ == "__main__":
