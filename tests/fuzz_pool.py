@@ -30,7 +30,8 @@ class FuzzPool:
     # -- lifetime ----------------------------------------------------------------------------
     def start(self) -> None:
         port = free_port()
-        env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "TDIST_FUZZ_STACKS_S": str(max(1.0, self.case_timeout_s - 30))}   # a hung case shows its stacks
         self.logs = [tempfile.TemporaryFile(mode="w+") for _ in range(WORLD)]
         self.procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "fuzz_worker.py"), str(rank), str(port)],
                                        cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -101,7 +102,7 @@ class FuzzPool:
         sel.close()
         return out
 
-    def stderr_tails(self, chars: int = 3000) -> str:
+    def stderr_tails(self, chars: int = 6000) -> str:
         tails = []
         for rank, f in enumerate(self.logs):
             f.flush()

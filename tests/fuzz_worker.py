@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")   # 2 ranks share 2 cores
 
+import faulthandler  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
@@ -53,6 +54,7 @@ def run_case(seed: int, rank: int, watch: _Watch, strategy: str | None = None) -
     """``strategy`` overrides the case's; under ``"bound"`` (collectives become no-ops, the values
     are NOT valid) only the outputs' shapes and dtypes are compared."""
     watch.fallbacks, watch.reports = [], []
+    faulthandler.dump_traceback_later(float(os.environ.get("TDIST_FUZZ_STACKS_S", "210")))   # hung: stacks to stderr
     res = {"seed": seed, "error": None, "max_diff": None, "rewritten": 0, "patterns": [], "fallback": []}
     try:
         case = fuzz_programs.make_case(seed)
@@ -89,6 +91,7 @@ def run_case(seed: int, rank: int, watch: _Watch, strategy: str | None = None) -
     res["rewritten"] = sum(bool(d.rewritten) for d in matches)
     res["patterns"] = sorted({d.pattern for d in matches if d.rewritten})
     res["fallback"] = watch.fallbacks
+    faulthandler.cancel_dump_traceback_later()
     return res
 
 
