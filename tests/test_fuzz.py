@@ -15,6 +15,7 @@ and every output equals eager within 1e-4 (relative to its scale).
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 
 import pytest
@@ -37,8 +38,22 @@ def fuzz_pool():
     pool.close()
 
 
+HUNG = "died or gave no answer"
+MAX_HUNG_RETRIES = 2
+"""Cases (per session) that may hang once and pass on a fresh pool (reported as a warning with
+the hung ranks' stacks); a case that hangs twice, or more such cases, fail.  CI, 2026-11-27: seed
+1225 hung once (no answer in 240 s, empty stderr) and passed in 4 local runs of the tier."""
+HUNG_ONCE: list[int] = []
+
+
 def check_case(pool: FuzzPool, seed: int, strategy: str | None = None) -> None:
     results = pool.run(seed, strategy)
+    if any(HUNG in (r["error"] or "") for r in results) and len(HUNG_ONCE) < MAX_HUNG_RETRIES:
+        HUNG_ONCE.append(seed)                       # the pool restarted its ranks: once more
+        stacks = next(r.get("stderr", "") for r in results if r["error"])
+        results = pool.run(seed, strategy)
+        warnings.warn(f"fuzz seed {seed}: a rank hung (stacks below); on a fresh pool it "
+                      f"{'failed again' if any(r['error'] for r in results) else 'passed'}\n{stacks}")
     if strategy is None:
         SEEN[seed] = results
     case = make_case(seed)
@@ -90,3 +105,23 @@ def test_fast_slice_rewrote_every_pattern_at_least_once():
     patterns = Counter(p for results in done for p in results[0]["patterns"])
     assert set(patterns) >= {"gemm_all_reduce", "all_reduce", "all_gather_gemm", "gemm_reduce_scatter"}, patterns
     assert sum(results[0]["rewritten"] > 0 for results in done) >= len(done) // 3
+
+
+def test_a_case_that_hangs_once_is_retried_on_a_fresh_pool_and_reported_a_second_hang_fails(monkeypatch):
+    ok = {"error": None, "fallback": [], "rewritten": 0, "patterns": []}
+    hung = {**ok, "error": f"rank 0 {HUNG} within 240 s", "stderr": "Thread 0x1 (most recent call first): ..."}
+
+    class Pool:                                     # answers in turn, as FuzzPool.run would
+        def __init__(self, *answers):
+            self.answers = list(answers)
+
+        def run(self, seed, strategy=None):
+            return self.answers.pop(0)
+    monkeypatch.setattr("test_fuzz.HUNG_ONCE", [])
+    monkeypatch.setattr("test_fuzz.SEEN", {})
+    with pytest.warns(UserWarning, match="hung .*passed"):
+        check_case(Pool([hung, ok], [ok, ok]), 1000)
+    with pytest.raises(AssertionError, match="no answer"), pytest.warns(UserWarning, match="failed again"):
+        check_case(Pool([hung, ok], [hung, ok]), 1001)
+    with pytest.raises(AssertionError, match="no answer"):      # the retries are spent: no third
+        check_case(Pool([hung, ok], [ok, ok]), 1002)
