@@ -2,7 +2,8 @@
 TCP port to race for), print one ``RESULT <json>`` line, and are collected (a worker that fails
 or hangs fails the test, with every rank's stderr -- a hung worker first dumps its stacks).
 
-A worker is ``python WORKER RANK RDZV *args`` and calls ``init(rank, world, rdzv)``."""
+A worker is ``python WORKER RANK RDZV *args``, calls ``init(rank, world, rdzv)`` first and
+``finish()`` last."""
 from __future__ import annotations
 
 import faulthandler
@@ -54,6 +55,15 @@ def init(rank: int, world: int, rdzv: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=rdzv, rank=rank, world_size=world,
                             timeout=timedelta(seconds=PG_TIMEOUT_S))
+
+
+def finish() -> None:
+    """A worker's last step: every rank waits for the others, then tears its group down (a rank
+    that exits or tears down while its peer still finishes the last call can abort that peer:
+    "terminate called without an active exception", ~1 in 16 runs without this, 0 in 44 with)."""
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def kill(procs: list) -> None:

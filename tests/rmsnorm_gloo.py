@@ -133,7 +133,7 @@ def _numerics_worker(rank: int, rdzv: str, names: list) -> dict:
                 out[name] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"}
             dist.barrier()
     finally:
-        dist.destroy_process_group()
+        gloo_ranks.finish()
     return out
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from gloo_ranks import HANG_S, PG_TIMEOUT_S, free_port
+from gloo_ranks import HANG_S, PG_TIMEOUT_S, finish, free_port
 
 WORLD = 2
 pytestmark = pytest.mark.slow
@@ -95,7 +95,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         out = {"error": traceback.format_exc()}
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
-    dist.destroy_process_group()
+    finish()
 
 
 @pytest.fixture(scope="module")

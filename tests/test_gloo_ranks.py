@@ -21,6 +21,7 @@ if mode == "die" and rank == 1:
     import os; os._exit(3)           # dies (as if killed): its connections close
 dist.all_reduce(t)
 print("RESULT " + json.dumps({{"sum": float(t)}}), flush=True)
+gloo_ranks.finish()
 """
 
 

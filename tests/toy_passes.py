@@ -313,8 +313,7 @@ def _numerics_worker(rank: int, rdzv: str) -> dict:
             except Exception as e:  # report per case; keep the ranks in step
                 out[name] = {"error": f"{type(e).__name__}: {e}"}
     finally:
-        dist.barrier()            # no rank tears its group down while a peer still finishes the last call
-        dist.destroy_process_group()
+        gloo_ranks.finish()
     return out
 
 
