@@ -334,7 +334,7 @@ def _all_reduce(t: torch.Tensor, op, pg) -> None:
     agreement collectives of ``auto`` -- with it on; then the collective's C++ call holds the GIL
     while it waits for the process group's work queue, whose worker thread needs the GIL to free
     the previous call's tensors: a deadlock (a gloo rank hung in ``max_over_ranks`` while
-    compiling, CI 2026-11-27; ``tests/test_measured.py`` reproduces it with plain calls)."""
+    compiling, CI 2026-11-27; the storm test in ``tests/test_compile_time_measure.py``)."""
     import torch.distributed as dist
     from torch._dispatch.python import no_python_dispatcher
     with no_python_dispatcher():
