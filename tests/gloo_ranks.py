@@ -9,6 +9,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,12 +38,15 @@ def free_port() -> int:
 def start(worker: str, world: int, *args: str) -> list:
     """``python worker RANK RDZV *args`` for every rank, in the background. The workers run one
     thread each and Inductor compiles in-process: several ranks share the machine's cores."""
-    rdzv = "file://" + os.path.join(tempfile.mkdtemp(prefix="gloo-rdzv-"), "store")
+    rdzv_dir = tempfile.mkdtemp(prefix="gloo-rdzv-")                   # removed by collect()
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1", "TDCOMPILE_TEST_HANG_S": str(HANG_S)}
-    return [subprocess.Popen([sys.executable, os.path.abspath(worker), str(rk), rdzv, *args], cwd=REPO,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for rk in range(world)]
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(worker), str(rk), "file://" + os.path.join(rdzv_dir, "store"),
+                               *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rk in range(world)]
+    for p in procs:
+        p.rdzv_dir = rdzv_dir
+    return procs
 
 
 def init(rank: int, world: int, rdzv: str) -> None:
@@ -75,14 +79,18 @@ def kill(procs: list) -> None:
 def collect(procs: list, timeout: float = TIMEOUT_S) -> list[dict]:
     """Each rank's ``RESULT`` json, in rank order."""
     outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=timeout))
-        except subprocess.TimeoutExpired:
-            kill(procs)
-            tails = "\n".join(f"--- rank {rk} stderr:\n{(q.communicate()[1] or '')[-3000:]}"
-                              for rk, q in enumerate(procs))
-            pytest.fail(f"gloo workers timed out after {timeout:.0f} s\n{tails}")
+    try:
+        for p in procs:
+            try:
+                outs.append(p.communicate(timeout=timeout))
+            except subprocess.TimeoutExpired:
+                kill(procs)
+                tails = "\n".join(f"--- rank {rk} stderr:\n{(q.communicate()[1] or '')[-3000:]}"
+                                  for rk, q in enumerate(procs))
+                pytest.fail(f"gloo workers timed out after {timeout:.0f} s\n{tails}")
+    finally:                                    # the ranks are gone: so is their rendezvous
+        for d in {getattr(p, "rdzv_dir", None) for p in procs} - {None}:
+            shutil.rmtree(d, ignore_errors=True)
     results = []
     for rk, (p, (stdout, stderr)) in enumerate(zip(procs, outs)):
         lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
