@@ -1,13 +1,11 @@
 """The ``tdist::*`` op definitions (``ops/library.py``): torch's own checks of every op (schema,
-fake impl against the reference, tracing through AOT), and how a call reaches its kernel: straight from the C++ dispatcher, with no Python
-layer of torch's between (``ops/library.py``).  In Inductor's un-graphed wrapper code each such
-layer is host time on every call.
+fake impl against the reference, tracing through AOT), and how a call reaches its kernel:
+straight from the C++ dispatcher, with no Python layer of torch's between.  In Inductor's
+un-graphed wrapper code each such layer is host time on every call.
 
-``python tests/test_op_dispatch.py`` prints the host time of a call, against the same op defined
-with ``torch.library.custom_op``, both with a trivial kernel registered as ``ops/cuda.py``
-registers its kernels (for the whole replayed path, ``scripts/host_path_cpu.py``)."""
+``scripts/host_path_cpu.py`` times a replayed call's host path through these ops against the
+same kernel behind a ``torch.library.custom_op`` twin."""
 import sys
-import time
 
 import pytest
 import torch
@@ -82,29 +80,3 @@ def test_every_op_reaches_its_device_kernel_with_no_python_layer_of_torch_librar
 def test_an_unknown_impl_is_refused_by_the_default_implementation():
     with pytest.raises(ValueError, match="impl must be"):
         torch.ops.tdist.all_reduce(torch.ones(3), "0", impl="bogus")
-
-
-def _host_us(fn, n: int = 20000) -> float:
-    for _ in range(1000):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) / n * 1e6
-
-
-if __name__ == "__main__":
-    @torch.library.custom_op("tdist_twin::gemm_all_reduce", mutates_args=())
-    def twin(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, group_name: str,
-             impl: str = "auto") -> torch.Tensor:
-        return a.new_empty(0)
-
-    def kernel(a, b, bias, group_name, impl="auto"):
-        return a.new_empty(0)
-    torch.library.register_kernel("tdist_twin::gemm_all_reduce", "cpu", kernel)
-    a, w = torch.ones(2, 2), torch.ones(2, 2, requires_grad=True)
-    with torch.no_grad():
-        mine = _with_cpu_kernel("gemm_all_reduce", kernel,
-                                lambda: _host_us(lambda: torch.ops.tdist.gemm_all_reduce.default(a, w, None, "g", "fused")))
-        other = _host_us(lambda: torch.ops.tdist_twin.gemm_all_reduce.default(a, w, None, "g", "fused"))
-    print(f"host us per call, torch {torch.__version__}: tdist op {mine:.1f}, the same op as custom_op {other:.1f}")
