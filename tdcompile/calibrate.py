@@ -63,6 +63,26 @@ def model_keys(config, world: int, ms: list, dtype, sp: bool = False) -> list:
     return sorted(set(keys), key=lambda k: k.id())
 
 
+def with_stale(keys: list, tab, say=print) -> list:
+    """``keys`` plus every key of ``tab`` with a candidate measured on code changed since
+    (``Table.stale``), in rank 0's order (every rank must measure the same keys).
+
+    Why: ``--reuse`` after a change to the op dispatch path must refresh every entry that the change
+    made stale, not only the shapes asked for. On 4xH200 (``session-h200-tp4-opg-20261127-2118.log``)
+    a ``--reuse`` run without ``--sp`` left the AG-GEMM / GEMM-RS host entries stale, so the
+    sequence-parallel form could not be costed and E2E prefill at TP=4 kept the all_reduce form."""
+    from tdcompile.measured import Key
+    ids = {k.id() for k in keys}
+    extra = [Key.parse(kid) for kid in sorted(tab.entries) if kid not in ids and tab.stale(Key.parse(kid))]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [extra]
+        dist.broadcast_object_list(box, src=0)
+        extra = box[0]
+    if extra:
+        say(f"[calibrate] --reuse: also refreshing {len(extra)} stale entries: {', '.join(k.id() for k in extra)}")
+    return list(keys) + extra
+
+
 def fill_table(keys: list, group_name: str, say=print, reuse: bool = False) -> dict:
     """Measure every key afresh (``reuse``: agree on cached entries that have every candidate);
     returns ``{key id: (times, source)}``."""
@@ -213,6 +233,8 @@ def calibrate_main(args) -> None:
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
         keys = model_keys(get_config(args.model), dist.get_world_size(), [int(m) for m in args.rows.split(",")],
                           dtype, sp=args.sp)
+        if args.reuse:
+            keys = with_stale(keys, mt.table(dist.get_world_size()), say)
         say(f"[calibrate] measuring {len(keys)} shapes of {args.model} at TP={dist.get_world_size()} "
             f"(every candidate, all ranks together, CUDA graphs)", flush=True)
         entries = fill_table(keys, dist.group.WORLD.group_name, say, reuse=args.reuse)

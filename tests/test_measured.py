@@ -409,6 +409,30 @@ def test_an_entry_measured_with_other_kernel_code_is_measured_again(tmp_path, mo
     assert measured.Table(ENV).lookup(key) is not None
 
 
+def test_calibrate_reuse_also_refreshes_stale_entries_of_shapes_not_asked_for(tmp_path, monkeypatch):
+    """``calibrate --reuse`` measures the model's keys plus every table entry whose code changed
+    since (here a sequence-parallel key, asked for only with ``--sp``); fresh entries of other
+    shapes are left alone."""
+    from tdcompile.calibrate import with_stale
+    monkeypatch.setenv("TDCOMPILE_CACHE_DIR", str(tmp_path))
+    asked = Key.of("all_reduce", m=4096, n=5120, k=0, dtype=torch.bfloat16, world=2)
+    sp = Key.of("gemm_reduce_scatter", m=4096, n=5120, k=12800, dtype=torch.bfloat16, world=2)
+    fresh = Key.of("gemm_reduce_scatter", m=128, n=5120, k=12800, dtype=torch.bfloat16, world=2)
+    env = {**ENV, "gpu": "no shipped table"}                              # the cache file only
+    t = measured.Table(env)
+    for k in (asked, sp, fresh):
+        t.record(k, {"unfused": 900.0, "fused:ce": 835.0})
+    t.save()
+    monkeypatch.setitem(measured._DIGESTS, ("gemm_reduce_scatter", "fused:ce"), "0123456789ab")
+    t = measured.Table(env)
+    t.digests[fresh.id()]["fused:ce"] = "0123456789ab"                   # measured on the changed code
+    said = []
+    keys = with_stale([asked], t, said.append)
+    assert [k.id() for k in keys] == [asked.id(), sp.id()]
+    assert sp.id() in said[0] and fresh.id() not in said[0]
+    assert with_stale([asked, sp], t, said.append) == [asked, sp]        # asked for already: not twice
+
+
 def test_each_candidate_is_keyed_by_the_files_that_implement_it():
     files = measured.impl_files
     assert files("all_reduce", "unfused") == []
