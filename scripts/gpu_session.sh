@@ -121,6 +121,12 @@ case ${STAGE:-prep} in
     if [[ $NP -gt 2 && -n ${CASES2:-} ]]; then
       CUDA_VISIBLE_DEVICES=0,1 NP=2 CASES=$CASES2 COLUMNS=${COLUMNS2:-inductor,tdist} BENCH_T=$(left) bench
     fi ;;
+  probe)    # scripts/overlap_probe.py (the copy-engine GEMM + all-reduce's pieces) at W=NP and W=2,
+            # then, with ROWS=1, the rows in CASES (bench)
+    TDCOMPILE_SPIN_TIMEOUT_S=10 step "${PROBE_T:-150}" torchrun --nproc_per_node "$NP" scripts/overlap_probe.py --out "$OUT"
+    if [[ $NP -gt 2 ]]; then CUDA_VISIBLE_DEVICES=0,1 TDCOMPILE_SPIN_TIMEOUT_S=10 step "${PROBE_T:-150}" \
+      torchrun --nproc_per_node 2 scripts/overlap_probe.py --out "$OUT"; fi
+    [[ -z ${ROWS:-} ]] || BENCH_T=$(left) bench ;;
   rows)     # bench only, from the shipped / cached measured table (CASES selects the rows)
     bench ;;
   all)
