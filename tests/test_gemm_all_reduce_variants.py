@@ -21,7 +21,8 @@ def calls(monkeypatch):
     monkeypatch.setattr(all_reduce_lamport, "all_reduce_lamport",
                         lambda ws, y, out=None: seen.append(("lamport", y, out)) or y)
     monkeypatch.setattr(gemm_all_reduce_ce, "gemm_all_reduce_ce",
-                        lambda ws, a, b, bias, bounds: seen.append(("ce", bounds)) or "CE")
+                        lambda ws, a, b, bias, bounds, out=None, sm_carveout=0:
+                        seen.append(("ce", bounds, out, sm_carveout)) or "CE")
     monkeypatch.setattr(all_reduce, "symm_input", lambda ws, shape, dtype: torch.empty(shape, dtype=dtype))
     monkeypatch.setattr(all_reduce, "all_reduce",
                         lambda ws, buf, out=None, variant=None: seen.append(("zc", variant, buf, out)) or
@@ -64,7 +65,19 @@ def test_pipelined_variants_pick_chunks_and_reducer(calls, v, chunks, reducer):
 
 def test_copy_engine_variant_gets_the_row_chunks(calls):
     assert gar.run("ce4", _WS(), A, B, None, "g") == "CE"
-    assert calls == [("ce", overlap.chunk_bounds(1024, 4))]
+    assert calls == [("ce", overlap.chunk_bounds(1024, 4), None, 0)]
+
+
+def test_copy_engine_variant_writes_the_given_output_with_its_sm_carveout(calls):
+    dst = torch.empty(1024, 16)
+    assert gar.run("ce2s8", _WS(), A, B, None, "g", out=dst) == "CE"
+    assert calls == [("ce", overlap.chunk_bounds(1024, 2), dst, 8)]
+
+
+@pytest.mark.parametrize("v, yes", [("one_shot", True), ("two_shot", True), ("ce4", True), ("ce2s8", True),
+                                    ("lamport", False), ("pipe2", False), (None, False)])
+def test_the_variants_that_write_a_given_output_are_those_an_op_graph_can_replay(v, yes):
+    assert gar.writes_out(v) is yes
 
 
 def test_prepare_refuses_shapes_a_variant_cannot_take_with_the_reason():

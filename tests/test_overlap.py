@@ -41,3 +41,9 @@ def test_unsupported_reason_names_the_shape():
                                           ("pipe4", None), ("ce4_nccl", None), (None, None)])
 def test_copy_engine_variant_names(name, chunks):
     assert overlap.parse_ce(name) == chunks
+
+
+@pytest.mark.parametrize("name, chunks, carveout", [("ce4s8", 4, 8), ("ce2s16", 2, 16), ("ce4", 4, 0),
+                                                    ("ce4s", None, 0), ("pipe4", None, 0)])
+def test_a_copy_engine_variant_may_name_the_sms_its_gemms_leave_free(name, chunks, carveout):
+    assert overlap.parse_ce(name) == chunks and overlap.ce_carveout(name) == carveout

@@ -89,7 +89,7 @@ def row_slices(lo: int, hi: int, world: int) -> list[tuple[int, int]]:
 
 
 def unsupported_reason(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bounds,
-                       bias: torch.Tensor | None = None) -> str | None:
+                       bias: torch.Tensor | None = None, sm_carveout: int = 0) -> str | None:
     if a.dtype not in (torch.bfloat16, torch.float16) or b.dtype != a.dtype:
         return f"dtypes {a.dtype}/{b.dtype} (bf16/fp16 only)"
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
@@ -102,6 +102,8 @@ def unsupported_reason(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bounds,
         return f"M={a.shape[0]} > workspace max M {ws.max_m} (TDCOMPILE_MAX_M)"
     if not bounds or len(bounds) > MAX_CHUNKS:
         return f"{len(bounds or [])} chunks (1..{MAX_CHUNKS})"
+    if sm_carveout and not hasattr(torch._C, "_set_sm_carveout_experimental"):
+        return f"SM carveout {sm_carveout}: this torch has no torch._C._set_sm_carveout_experimental"
     return None
 
 
@@ -111,17 +113,32 @@ def regions(ws: Workspace, n: int, esz: int):
     return ws.region(DATA_REGION, nbytes), ws.region(RES_REGION, nbytes)
 
 
-def _gemm(a, b, bias, out):
-    return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
+def _gemm(a, b, bias, out, sm_carveout: int = 0):
+    """cuBLAS into ``out``; ``sm_carveout`` > 0: the GEMM leaves that many SMs free for the
+    schedule's barrier and add kernels on the side stream: torch's SM carveout, which its cuBLASLt
+    path honours (so that backend is preferred for the call). Both are process-wide settings, set
+    for this call only and restored before returning."""
+    if not sm_carveout:
+        return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
+    before, backend = torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()
+    torch._C._set_sm_carveout_experimental(sm_carveout)
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
+    finally:
+        torch.backends.cuda.preferred_blas_library(backend)
+        torch._C._set_sm_carveout_experimental(before)
 
 
 @phased
 def gemm_all_reduce_ce(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
-                       bounds: list[tuple[int, int]]) -> torch.Tensor:
-    """``all_reduce(a @ b + bias)`` ([M, N], a new tensor) with chunk i's reduction on the copy
-    engine overlapping chunk i+1's GEMM; ``bounds``: the row chunks (cover ``[0, M)`` in order)."""
+                       bounds: list[tuple[int, int]], out: torch.Tensor | None = None,
+                       sm_carveout: int = 0) -> torch.Tensor:
+    """``all_reduce(a @ b + bias)`` ([M, N]: ``out``, or a new tensor) with chunk i's reduction on
+    the copy engine overlapping chunk i+1's GEMM; ``bounds``: the row chunks (cover ``[0, M)`` in
+    order); ``sm_carveout``: SMs the chunk GEMMs leave free (``_gemm``)."""
     ws.check()
-    reason = unsupported_reason(ws, a, b, bounds, bias)
+    reason = unsupported_reason(ws, a, b, bounds, bias, sm_carveout)
     if reason:
         raise _Unsupported(reason)
     W, r = ws.world, ws.rank
@@ -135,7 +152,10 @@ def gemm_all_reduce_ce(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias: to
     q = max(hi - lo for s in slices for lo, hi in s)
     per = -(-max(q, 1) * N // 8) * 8                                              # 16-B aligned rows of stage
     stage = torch.empty((W, per), dtype=a.dtype, device=a.device)                 # [W, >= q*N]
-    out = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    if out is None:
+        out = torch.empty((M, N), dtype=a.dtype, device=a.device)                 # [M, N]
+    elif out.shape != (M, N) or out.dtype != a.dtype or not out.is_contiguous():
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype}: want a contiguous [{M}, {N}] {a.dtype}")
     pad_stride = PAD_SLOTS * MAX_WORLD
     code = sig.error_code(OP_ID, r, sig.WHAT_BARRIER)
     epoch = ws.bump_epoch("gemm_all_reduce")
@@ -149,7 +169,7 @@ def gemm_all_reduce_ce(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias: to
     # Simulated ranks step one ``yield`` at a time, in lock-step: every waiting kernel (the
     # barriers) is launched by all ranks before any rank enqueues a copy (SimWorld.run's rule).
     for i, (lo, hi) in enumerate(bounds):
-        _gemm(a[lo:hi], b, bias, own[lo:hi])                      # [hi-lo, N] into the symmetric area
+        _gemm(a[lo:hi], b, bias, own[lo:hi], sm_carveout)         # [hi-lo, N] into the symmetric area
         done = torch.cuda.Event()
         done.record(main)
         s0, s1 = slices[i][r]

@@ -216,7 +216,7 @@ def _gemm_all_reduce_cuda(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch
     from tdcompile.ops import gemm_all_reduce as gar, symm_mem as sm
     impl = resolve("gemm_all_reduce", impl, group_name, m=a.shape[0], n=b.shape[1], k=a.shape[1], dtype=a.dtype)
     shape, sig = (a.shape[0], b.shape[1]), _sig(a, b, bias)
-    if variant(impl) in ("one_shot", "two_shot"):        # zero copy into the symmetric area, then AR
+    if gar.writes_out(variant(impl)):         # zero copy (one/two-shot) or copy-engine chunks: replayable
         fused = op_graphs.fused("gemm_all_reduce", impl, sig, (a, b, bias), lambda: (op_graphs.empty(shape, a),),
                             lambda ws, o: gar.run(variant(impl), ws, a, b, bias, group_name, out=o[0]),
                             lambda o: o[0])

@@ -13,8 +13,8 @@ and ``run(ws, a, b, bias, group_name) -> out``:
 ``lamport2``      cuBLAS, then its two-shot form (``kernels/all_reduce_lamport2.py``)
 ``pipe<C>[_nccl]`` row chunks on two streams, each all-reduced beside the next GEMM chunk
                   (``ops/overlap.py``)
-``ce<C>``         row chunks, each reduced on the copy engine beside the next GEMM chunk
-                  (``kernels/gemm_all_reduce_ce.py``)
+``ce<C>[s<S>]``   row chunks, each reduced on the copy engine beside the next GEMM chunk
+                  (``kernels/gemm_all_reduce_ce.py``); ``s<S>``: the GEMMs leave S SMs free
 ================  =====================================================================
 """
 from __future__ import annotations
@@ -32,9 +32,15 @@ def _gemm(a, b, bias, out=None):
     return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
 
 
+def writes_out(v: Optional[str]) -> bool:
+    """Whether variant ``v`` writes into a caller's ``out`` (so ``ops.cuda`` can allocate it and
+    replay the call as an op graph: ``ops/op_graphs.py``)."""
+    return v in ("one_shot", "two_shot") or overlap.parse_ce(v) is not None
+
+
 def run(v: Optional[str], ws, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor],
         group_name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``out``: where the zero-copy variants (``one_shot``, ``two_shot``) write [M, N]."""
+    """``out``: where the variants of ``writes_out`` write [M, N]."""
     if v is None:                     # the Triton GEMM + tile-wise all-reduce kernel
         from tdcompile.kernels.gemm_all_reduce import gemm_all_reduce
         return gemm_all_reduce(ws, a, b, bias)
@@ -49,7 +55,8 @@ def run(v: Optional[str], ws, a: torch.Tensor, b: torch.Tensor, bias: Optional[t
     ce = overlap.parse_ce(v)
     if ce is not None:                # cuBLAS chunks, each reduced on the copy engine during the next
         from tdcompile.kernels.gemm_all_reduce_ce import gemm_all_reduce_ce
-        return gemm_all_reduce_ce(ws, a, b, bias, overlap.chunk_bounds(a.shape[0], ce))
+        return gemm_all_reduce_ce(ws, a, b, bias, overlap.chunk_bounds(a.shape[0], ce), out=out,
+                                  sm_carveout=overlap.ce_carveout(v))
     pipe = overlap.parse(v)
     if pipe is not None:              # cuBLAS chunks overlapped with the all-reduce of the previous one
         chunks, reducer = pipe
@@ -78,7 +85,7 @@ def prepare(v: Optional[str], ws, a: torch.Tensor, b: torch.Tensor, bias: Option
         bounds = overlap.chunk_bounds(a.shape[0], ce)
         if bounds is None:
             return f"M={a.shape[0]} too small for {ce} chunks of >= {overlap.MIN_CHUNK_ROWS} rows"
-        reason = k.unsupported_reason(ws, a, b, bounds, bias)
+        reason = k.unsupported_reason(ws, a, b, bounds, bias, sm_carveout=overlap.ce_carveout(v))
         if reason is None:
             k.regions(ws, b.shape[1], a.element_size())                   # allocate now (collective)
         return reason

@@ -46,7 +46,7 @@ MIN_CHUNK_ROWS = 256
 ROW_ALIGN = 128
 """Chunk boundaries fall on multiples of this many rows (cuBLAS tile friendly)."""
 VARIANT = re.compile(r"pipe(\d+)(_nccl)?$")
-CE_VARIANT = re.compile(r"ce(\d+)$")
+CE_VARIANT = re.compile(r"ce(\d+)(?:s(\d+))?$")
 
 
 def parse(variant: str) -> Optional[tuple[int, str]]:
@@ -58,9 +58,29 @@ def parse(variant: str) -> Optional[tuple[int, str]]:
 
 
 def parse_ce(variant: str) -> Optional[int]:
-    """``"ce4"`` -> 4 (the copy-engine schedule, ``kernels/gemm_all_reduce_ce.py``); else None."""
+    """``"ce4"``, ``"ce4s8"`` -> 4 (the copy-engine schedule, ``kernels/gemm_all_reduce_ce.py``); else None."""
     m = CE_VARIANT.match(variant or "")
     return int(m.group(1)) if m and int(m.group(1)) >= 2 else None
+
+
+def ce_carveout(variant: str) -> int:
+    """``"ce4s8"`` -> 8: SMs the chunk GEMMs leave free (cuBLAS SM carveout); ``"ce4"`` -> 0.
+
+    Why (``benchmarks/results/overlap-probe-h200-w2-20261127-2138.json``, 2xH200): the chunks
+    alone cost what the whole GEMM does and a copy-engine pull slows a GEMM beside it by 1-3%, yet
+    ``ce`` ends 90-110 us after its GEMMs at o_proj/down_proj shapes, several times what the last
+    chunk's bytes take at the measured 345 GB/s.  The suspect: the schedule's barrier and add
+    kernels need SMs, which the next chunk's cuBLAS kernel holds to its end, so a chunk's
+    reduction cannot run beside the next GEMM.  A carveout keeps a few SMs free for them.
+
+    Measured (``calibrate-h200-tp2-20261127-2147-carveout.json``, 2xH200, M=4096): it helps where
+    the GEMM is short (o_proj, K=4096: ``ce4`` 450.2 -> ``ce4s16`` 391.8 us) and costs where it is
+    long (down_proj, K=12800: ``ce4`` 875.6 -> ``ce4s8`` 901.8, ``ce4s16`` 969.0), and never beats
+    the zero-copy ``one_shot`` (370.4 / 896.8) or, by the margin, unfused (397.7 / 897.9); at W=4
+    every ``ce`` form loses to unfused by 55-85%.  So the ``s<S>`` forms are not candidates of
+    ``auto``; they stay for experiments (``impl="fused:ce4s16"``)."""
+    m = CE_VARIANT.match(variant or "")
+    return int(m.group(2)) if m and m.group(2) else 0
 
 
 def chunk_bounds(m: int, chunks: int) -> Optional[list[tuple[int, int]]]:
