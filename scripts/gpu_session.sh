@@ -129,9 +129,11 @@ case ${STAGE:-prep} in
     fi ;;
   probe)    # scripts/overlap_probe.py (the copy-engine GEMM + all-reduce's pieces) at W=NP and W=2,
             # then, with ROWS=1, the rows in CASES (bench)
-    TDCOMPILE_SPIN_TIMEOUT_S=10 step "${PROBE_T:-150}" torchrun --nproc_per_node "$NP" scripts/overlap_probe.py --out "$OUT"
+    # PROBE_TRACE=eq4: also a profiler trace of ce with that split per rank (scripts/trace_summary.py reads them)
+    TDCOMPILE_SPIN_TIMEOUT_S=10 step "${PROBE_T:-150}" torchrun --nproc_per_node "$NP" scripts/overlap_probe.py --out "$OUT" \
+      ${PROBE_TRACE:+--trace "$PROBE_TRACE"}
     if [[ $NP -gt 2 ]]; then CUDA_VISIBLE_DEVICES=0,1 TDCOMPILE_SPIN_TIMEOUT_S=10 step "${PROBE_T:-150}" \
-      torchrun --nproc_per_node 2 scripts/overlap_probe.py --out "$OUT"; fi
+      torchrun --nproc_per_node 2 scripts/overlap_probe.py --out "$OUT" ${PROBE_TRACE:+--trace "$PROBE_TRACE"}; fi
     [[ -z ${ROWS:-} ]] || BENCH_T=$(left) bench ;;
   rows)     # bench only, from the shipped / cached measured table (CASES selects the rows)
     bench ;;

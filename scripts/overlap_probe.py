@@ -44,10 +44,45 @@ def bounds(m: int, fracs: list) -> list:
     return out
 
 
+def trace_ce(a, ws, ce, rank: int, W: int, M: int, N: int, dt, g) -> None:
+    """Where a ``ce`` call's tail goes: which of its kernels and copies wait, on every rank
+    (``overlap-probe-trace-w<W>-<split>-rank<r>.json``, Chrome format; one graph replay holds 3 calls)."""
+    K = 25600 // W
+    bs = bounds(M, SPLITS[a.trace])
+    x = torch.randn(M, K, device="cuda", dtype=dt, generator=g) / K ** 0.5           # [M, K]
+    w = torch.randn(K, N, device="cuda", dtype=dt, generator=g)                      # [K, N]
+    o = torch.empty(M, N, device="cuda", dtype=dt)                                   # [M, N]
+    ws.phase_barrier = dist.barrier
+    try:
+        ce.gemm_all_reduce_ce(ws, x, w, None, bs, out=o)
+    finally:
+        ws.phase_barrier = None
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ce.gemm_all_reduce_ce(ws, x, w, None, bs, out=o)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        for _ in range(3):
+            ce.gemm_all_reduce_ce(ws, x, w, None, bs, out=o)
+    graph.replay()
+    torch.cuda.synchronize()
+    dist.barrier()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(os.path.join(a.out, f"overlap-probe-trace-w{W}-{a.trace}-rank{rank}.json"))
+    dist.barrier()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     p.add_argument("--m", type=int, default=4096)
+    p.add_argument("--trace", default=None, help="split name (e.g. eq4): also write a torch.profiler trace per "
+                   "rank of 3 graph replays of ``ce`` with that split at down_proj's K")
     a = p.parse_args()
     rank, W = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -110,6 +145,8 @@ def main() -> None:
                 torch.cuda.current_stream().wait_stream(side)
             timed("pull+gemm", pull_beside_gemm, K=K, rows=rows_n)
         dist.barrier()
+    if a.trace:
+        trace_ce(a, ws, ce, rank, W, M, N, dt, g)
     if rank == 0:
         import triton
         path = os.path.join(a.out, f"overlap-probe-w{W}.json")
