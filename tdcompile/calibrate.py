@@ -73,7 +73,7 @@ def with_stale(keys: list, tab, say=print) -> list:
     sequence-parallel form could not be costed and E2E prefill at TP=4 kept the all_reduce form."""
     from tdcompile.measured import Key
     ids = {k.id() for k in keys}
-    extra = [Key.parse(kid) for kid in sorted(tab.entries) if kid not in ids and tab.stale(Key.parse(kid))]
+    extra = [k for k in map(Key.parse, sorted(tab.entries)) if k.id() not in ids and tab.stale(k)]
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [extra]
         dist.broadcast_object_list(box, src=0)
