@@ -112,14 +112,21 @@ case ${STAGE:-prep} in
       scripts/host_profile.py --out "$OUT"; fi ;;
   opg)      # op graphs gated by their real-process test (and the family test), tables at W=NP and W=2,
             # rows at TP=NP, then rows at TP=2 on GPUs 0,1 (CASES2, COLUMNS2); SKIP_OPG=1: no gate
+    SKIPS=${TDCOMPILE_SKIP_CANDIDATES:-}
     if [[ -n ${CE_GATE:-} ]]; then   # CE_GATE=1: the copy-engine GEMM + all-reduce's simulated-rank tests gate its candidates
-      SKIPS=${TDCOMPILE_SKIP_CANDIDATES:-}
       gate tests/gpu/test_gemm_all_reduce_ce.py gemm_all_reduce/fused:ce2,gemm_all_reduce/fused:ce4
-      export TDCOMPILE_SKIP_CANDIDATES=$SKIPS
     fi
+    if [[ -n ${CHAIN_GATE:-} ]]; then   # CHAIN_GATE=1: the chain GEMM + all-reduce's simulated-rank tests gate it
+      gate tests/gpu/test_gemm_all_reduce_chain.py gemm_all_reduce/fused:chain1,gemm_all_reduce/fused:chain2
+    fi
+    export TDCOMPILE_SKIP_CANDIDATES=$SKIPS
     [[ -n ${SKIP_OPG:-} ]] || opg_gate
+    # MG_TESTS (real processes) failing: NEW_CANDIDATES leave auto if named, else replays go off
     [[ -z ${MG_TESTS:-} ]] || TDCOMPILE_SPIN_TIMEOUT_S=5 step "${TEST_T:-150}" python3 -m pytest -q -rs -p no:cacheprovider \
-      -m multigpu $MG_TESTS || { export TDCOMPILE_OP_GRAPHS=0; echo "== family test failed: replays off" | tee -a "$LOG"; }
+      -m multigpu $MG_TESTS || if [[ -n ${NEW_CANDIDATES:-} ]]; then
+        export TDCOMPILE_SKIP_CANDIDATES="${TDCOMPILE_SKIP_CANDIDATES:+$TDCOMPILE_SKIP_CANDIDATES,}$NEW_CANDIDATES"
+        echo "== family test failed: leaving out of auto: $NEW_CANDIDATES" | tee -a "$LOG"
+      else export TDCOMPILE_OP_GRAPHS=0; echo "== family test failed: replays off" | tee -a "$LOG"; fi
     calibrate
     [[ $NP -gt 2 ]] && CUDA_VISIBLE_DEVICES=0,1 NP=2 calibrate
     BENCH_T=$(( $(left) - ${TP2_T:-0} )) bench

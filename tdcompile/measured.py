@@ -96,6 +96,8 @@ def impl_files(op: str, impl: str) -> list[str]:
         return base + ["kernels/all_gather_gemm_ce.py", "kernels/all_gather_gemm.py", "kernels/tiles.py"]
     if var.startswith("ce"):
         return base + ["ops/overlap.py", "kernels/gemm_all_reduce_ce.py"]
+    if var.startswith("chain"):
+        return base + ["ops/overlap.py", "kernels/gemm_all_reduce_chain.py"]
     if var in ("one_shot", "two_shot"):
         extra = ["kernels/all_reduce_rmsnorm.py"] if rms else []
         return base + ["kernels/all_reduce.py"] + extra

@@ -15,6 +15,8 @@ and ``run(ws, a, b, bias, group_name) -> out``:
                   (``ops/overlap.py``)
 ``ce<C>[s<S>]``   row chunks, each reduced on the copy engine beside the next GEMM chunk
                   (``kernels/gemm_all_reduce_ce.py``); ``s<S>``: the GEMMs leave S SMs free
+``chain<L>``      W*L row chunks whose partial sums pass along a ring, each rank adding its
+                  product in cuBLAS's epilogue (``kernels/gemm_all_reduce_chain.py``)
 ================  =====================================================================
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _gemm(a, b, bias, out=None):
 def writes_out(v: Optional[str]) -> bool:
     """Whether variant ``v`` writes into a caller's ``out`` (so ``ops.cuda`` can allocate it and
     replay the call as an op graph: ``ops/op_graphs.py``)."""
-    return v in ("one_shot", "two_shot") or overlap.parse_ce(v) is not None
+    return v in ("one_shot", "two_shot") or overlap.parse_ce(v) is not None or overlap.parse_chain(v) is not None
 
 
 def run(v: Optional[str], ws, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor],
@@ -57,6 +59,10 @@ def run(v: Optional[str], ws, a: torch.Tensor, b: torch.Tensor, bias: Optional[t
         from tdcompile.kernels.gemm_all_reduce_ce import gemm_all_reduce_ce
         return gemm_all_reduce_ce(ws, a, b, bias, overlap.chunk_bounds(a.shape[0], ce), out=out,
                                   sm_carveout=overlap.ce_carveout(v))
+    chain = overlap.parse_chain(v)
+    if chain is not None:             # partial sums along a ring, added in cuBLAS's epilogue
+        from tdcompile.kernels.gemm_all_reduce_chain import gemm_all_reduce_chain
+        return gemm_all_reduce_chain(ws, a, b, bias, overlap.chunk_bounds(a.shape[0], ws.world * chain), out=out)
     pipe = overlap.parse(v)
     if pipe is not None:              # cuBLAS chunks overlapped with the all-reduce of the previous one
         chunks, reducer = pipe
@@ -88,6 +94,16 @@ def prepare(v: Optional[str], ws, a: torch.Tensor, b: torch.Tensor, bias: Option
         reason = k.unsupported_reason(ws, a, b, bounds, bias, sm_carveout=overlap.ce_carveout(v))
         if reason is None:
             k.regions(ws, b.shape[1], a.element_size())                   # allocate now (collective)
+        return reason
+    chain = overlap.parse_chain(v)
+    if chain is not None:
+        from tdcompile.kernels import gemm_all_reduce_chain as k
+        bounds = overlap.chunk_bounds(a.shape[0], ws.world * chain)
+        if bounds is None:
+            return f"M={a.shape[0]} too small for {ws.world * chain} chunks of >= {overlap.MIN_CHUNK_ROWS} rows"
+        reason = k.unsupported_reason(ws, a, b, bounds, bias)
+        if reason is None:
+            k.region(ws, b.shape[1], a.element_size())                      # allocate now (collective)
         return reason
     pipe = overlap.parse(v)
     if pipe is not None:

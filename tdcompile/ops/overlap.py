@@ -47,6 +47,7 @@ ROW_ALIGN = 128
 """Chunk boundaries fall on multiples of this many rows (cuBLAS tile friendly)."""
 VARIANT = re.compile(r"pipe(\d+)(_nccl)?$")
 CE_VARIANT = re.compile(r"ce(\d+)(?:s(\d+))?$")
+CHAIN_VARIANT = re.compile(r"chain(\d+)$")
 
 
 def parse(variant: str) -> Optional[tuple[int, str]]:
@@ -61,6 +62,13 @@ def parse_ce(variant: str) -> Optional[int]:
     """``"ce4"``, ``"ce4s8"`` -> 4 (the copy-engine schedule, ``kernels/gemm_all_reduce_ce.py``); else None."""
     m = CE_VARIANT.match(variant or "")
     return int(m.group(1)) if m and int(m.group(1)) >= 2 else None
+
+
+def parse_chain(variant: str) -> Optional[int]:
+    """``"chain2"`` -> 2: the ring schedule with 2 chunks per rank and chain position
+    (``kernels/gemm_all_reduce_chain.py``: ``world * 2`` row chunks); else None."""
+    m = CHAIN_VARIANT.match(variant or "")
+    return int(m.group(1)) if m and int(m.group(1)) >= 1 else None
 
 
 def ce_carveout(variant: str) -> int:

@@ -19,7 +19,7 @@ IMPLS = {
                    "symm_mem:two_shot"],
     "gemm_all_reduce": ["fused", "fused:one_shot", "fused:two_shot", "symm_mem:one_shot", "symm_mem:two_shot",
                         "fused:lamport", "fused:lamport2", "fused:pipe2", "fused:pipe4", "fused:pipe2_nccl", "fused:pipe4_nccl",
-                        "fused:ce2", "fused:ce4"],
+                        "fused:ce2", "fused:ce4", "fused:chain1", "fused:chain2"],
     "gemm_reduce_scatter": ["fused", "symm_mem", "fused:ce"],
     "all_gather_gemm": ["fused", "symm_mem", "fused:ce"],
     "all_reduce_rmsnorm": ["fused:one_shot", "fused:two_shot", "fused:lamport", "fused:lamport2"],
@@ -87,7 +87,7 @@ def _worker(rank, world, port, q, fault):
                     ran = {f for (o, f), n in opc.RAN.items() if o == op and n > before.get((o, f), 0)}
                     expect = "unfused" if (fault and family(impl) == "fused") else family(impl)
                     v = impl.split(":")[-1]
-                    chunks = (overlap.parse(v) or (overlap.parse_ce(v), None))[0]
+                    chunks = (overlap.parse(v) or (overlap.parse_ce(v), None))[0] or W * (overlap.parse_chain(v) or 0)
                     if chunks and overlap.chunk_bounds(M, chunks) is None:   # too few rows: shape-only fallback
                         expect = "unfused"
                     if impl in ("fused:lamport", "fused:lamport2") and M * N * 2 > LAMPORT_MAX_BYTES:
