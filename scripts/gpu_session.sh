@@ -117,7 +117,7 @@ case ${STAGE:-prep} in
       gate tests/gpu/test_gemm_all_reduce_ce.py gemm_all_reduce/fused:ce2,gemm_all_reduce/fused:ce4
     fi
     if [[ -n ${CHAIN_GATE:-} ]]; then   # CHAIN_GATE=1: the chain GEMM + all-reduce's simulated-rank tests gate it
-      gate tests/gpu/test_gemm_all_reduce_chain.py gemm_all_reduce/fused:chain1,gemm_all_reduce/fused:chain2
+      gate tests/gpu/test_gemm_all_reduce_chain.py gemm_all_reduce/fused:chain2,gemm_all_reduce/fused:chain4
     fi
     export TDCOMPILE_SKIP_CANDIDATES=$SKIPS
     [[ -n ${SKIP_OPG:-} ]] || opg_gate

@@ -37,7 +37,8 @@ def test_each_step_needs_a_push_made_L_steps_earlier(W, L):
 @pytest.mark.parametrize("W,L,M", [(2, 2, 4096), (2, 1, 1000), (4, 2, 4096), (4, 1, 1500), (8, 1, 2048)])
 def test_the_data_flow_gives_every_rank_the_sum(W, L, M):
     """Step s of every rank runs after step s-1 of every rank (the streams' order); a rank
-    adds its product to what its predecessor pushed, the owner publishes, the others pull."""
+    adds its product to what its predecessor pushed; the owner pushes the sum into every peer's
+    receive area, which each rank copies into its output at the end."""
     N, K = 16, 8
     g = torch.Generator().manual_seed(W * 10 + L)
     bounds = chunk_bounds(M, W * L)
@@ -61,13 +62,13 @@ def test_the_data_flow_gives_every_rank_the_sum(W, L, M):
                 recv[(r + 1) % W][lo:hi] = part
                 pushed[(c, p)] = s
             else:
-                recv[r][lo:hi] = part
+                for q in range(W):                                     # the owner's final: to every rank
+                    recv[q][lo:hi] = part
                 out[r][lo:hi] = part
-        for r in range(W):                                             # the pulls after the finals of a level
-            for c, p in [steps[q][s] for q in range(W) if q != r]:
-                if p == W - 1:
-                    lo, hi = bounds[c]
-                    out[r][lo:hi] = recv[owner(c, W)][lo:hi]
+    for r in range(W):                                                 # the end: the peers' rows into out
+        for c, (lo, hi) in enumerate(bounds):
+            if owner(c, W) != r:
+                out[r][lo:hi] = recv[r][lo:hi]
     want = sum(x @ b for x in a)
     for r in range(W):
         torch.testing.assert_close(out[r], want)

@@ -13,35 +13,42 @@ adding its product in place.  Rank r, position p = 0 .. W-1 of a chain, level l 
 
     step (p, l): chunk c = (r - 1 - p) % W + W * l
       p = 0       main: mm(a[c], b) -> stage[l]                     ─ ev ─┐
-                  side:                                   push to r+1's recv[c] (CE) ─ PART[c] -> r+1
+                  side:                                push to r+1's recv[c] ─ PART[c] -> r+1
       0 < p < W-1 main: wait PART[c] ─ recv[c] += a[c] @ b (cuBLAS) ─ ev ─┐
-                  side:                                   push to r+1's recv[c] (CE) ─ PART[c] -> r+1
+                  side:                                push to r+1's recv[c] ─ PART[c] -> r+1
       p = W-1     main: wait PART[c] ─ recv[c] += a[c] @ b            ─ ev ─┐
-                  side:                  FINAL[c] -> every peer ─ copy recv[c] -> out[c] (CE)
-                                         ─ for every other owner q: wait FINAL[q + W*l], pull its
-                                           recv rows -> out (CE)
+                  side:             push to every peer's recv[c] ─ FINAL[c] -> it ─ recv[c] -> out[c]
+    end           main: wait every FINAL of the peers' chunks ─ recv -> out (their rows) ─ join side
 
 The step that needs rank r-1's push of position p-1 comes L steps after the step that made
-it, so with L >= 2 each push hides behind a whole GEMM chunk.  Exposed: the (W-1) main-stream
-waits (a few us each), the last level's pulls of the peers' final chunks.  NVLink bytes per
-rank: 2 (W-1)/W of the output, as a ring all-reduce.  Every rank ends with the bits its
-owners computed, so all ranks hold the same result.  The sum is rounded once per hop (the
-epilogue writes bf16/fp16), like a ring all-reduce of bf16 partials; its order is the chain
-order, not rank order.
+it, so with L >= 2 each push hides behind a whole GEMM chunk.  Exposed: the (W-1) L main-stream
+waits (a few us each), the last level's final pushes, the copy of the peers' rows into ``out``.
+NVLink bytes per rank: 2 (W-1)/W of the output, as a ring all-reduce.  Every rank ends with the
+bits its owners computed, so all ranks hold the same result.  The sum is rounded once per hop
+(the epilogue writes bf16/fp16), like a ring all-reduce of bf16 partials; its order is the
+chain order, not rank order.
+
+**No SM work on the side stream** (after the entry barrier): a kernel queued there while cuBLAS
+holds every SM starts only when that GEMM ends.  The first version signalled with 1-CTA kernels
+and pulled the finals behind 1-CTA waits: 342 / 863 us at o_proj / down_proj (2xH200, M=4096),
+about 120 / 80 us after the GEMMs.  Flags are therefore written by the copy engine (a 4-byte copy
+of the call's device-side epoch, after the data copy in stream order) and every wait runs on the
+main stream between GEMMs, when the SMs are free.
 
 **Ordering and buffer reuse.**  recv is the symmetric region ``gemm_all_reduce.chain`` ([M, N]
 rows as in the output).  PART and FINAL are epoch flags (``Workspace.bump_epoch
 ("gemm_all_reduce")``, shared with the other variants of the op, so flags only grow) on pad
-channels 4 / 5, slot c, one word per sender: ``signal`` (release store of the epoch into the
-receivers' pads, issued on the side stream after the copy it publishes, in stream order) and
-``wait`` (bounded acquire spin on our own pad).  A push or the in-place GEMM writes recv[c] of
-this call only after PREV: a barrier of all ranks on the side stream at the call's start, after
-the side stream joined the main stream, so every rank's previous call (its GEMMs, pushes and
-the pulls of our final chunks) has ended.  Plain products go to a local ``stage``, so no write
-to symmetric memory precedes PREV.  The main stream joins the side stream before the op returns.
-Every wait is bounded (``TDCOMPILE_SPIN_TIMEOUT_S``) and recorded as op ``gemm_all_reduce``,
-this rank; after a recorded error the later waits do not wait.  Testable on one GPU with
-simulated ranks (``tests/gpu/test_gemm_all_reduce_chain.py``).
+channels 4 / 5, word ``c * W + sender``; waits are bounded acquire spins on our own pad.  A copy
+publishes its data because the flag copy starts after it completed (stream order) and the
+waiter reads the data only after it saw the flag.  A push writes a peer's recv[c] of this call
+only after PREV: a barrier of all ranks on the side stream at the call's start, after the side
+stream joined the main stream, so every rank's previous call (its GEMMs, pushes and copies out
+of recv) has ended.  The in-place GEMM on recv[c] follows the PART wait, hence PREV too.  Plain
+products go to a local ``stage``, so nothing writes symmetric memory before PREV.  The main
+stream joins the side stream before the op returns.  Every wait is bounded
+(``TDCOMPILE_SPIN_TIMEOUT_S``) and recorded as op ``gemm_all_reduce``, this rank; after a recorded
+error the later waits do not wait.  Testable on one GPU with simulated ranks
+(``tests/gpu/test_gemm_all_reduce_chain.py``).
 """
 from __future__ import annotations
 
@@ -81,16 +88,21 @@ def _chain_wait(pad_tab, off, src, epoch_ptr, err_addr, err_code, rank, timeout_
         record_error(err_addr, err_code)
 
 
-@triton.jit(do_not_specialize=["off", "rank", "targets"])
-def _chain_signal(pad_tab, off, epoch_ptr, rank, targets, WORLD: tl.constexpr):
-    """Release-store this call's epoch into word ``off + rank`` of every peer in bitmask ``targets``."""
-    peers = tl.arange(0, WORLD)
+@triton.jit(do_not_specialize=["off", "rank", "chunks", "err_code", "timeout_us"])
+def _chain_wait_finals(pad_tab, off, rank, chunks, epoch_ptr, err_addr, err_code, timeout_us,
+                       WORLD: tl.constexpr, BLOCK: tl.constexpr):
+    """Spin until every peer-owned chunk's FINAL flag (word ``off + c * WORLD + c % WORLD``) holds
+    this call's epoch (bounded)."""
+    c = tl.arange(0, BLOCK)
     epoch = tl.load(epoch_ptr)
-    remote = tl.load(pad_tab + peers).to(tl.pointer_type(tl.int32)) + off + rank
-    sig.fence_sys()
-    tl.debug_barrier()
-    tl.atomic_xchg(remote, tl.full([WORLD], 0, tl.int32) + epoch, mask=((targets >> peers) & 1) != 0,
-                   sem="release", scope="sys")
+    dead = tl.load(err_addr.to(tl.pointer_type(tl.int32)), volatile=True) != 0
+    tmo = tl.where(dead, 0, timeout_us.to(tl.int64) * 1000)
+    own = tl.load(pad_tab + rank).to(tl.pointer_type(tl.int32))
+    theirs = (c < chunks) & (c % WORLD != rank)
+    # the other lanes poll the epoch itself, which already holds the value they wait for
+    words = tl.where(theirs, own + off + c * WORLD + c % WORLD, epoch_ptr + c * 0)
+    if tl.min(wait_geq(words, epoch, tmo), axis=0) == 0:
+        record_error(err_addr, err_code)
 
 
 @triton.jit(do_not_specialize=["rank", "err_code", "timeout_us"])
@@ -161,16 +173,22 @@ def gemm_all_reduce_chain(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias:
         raise ValueError(f"out {tuple(out.shape)} {out.dtype}: want a contiguous [{M}, {N}] {a.dtype}")
     stride = PAD_SLOTS * MAX_WORLD
     part, final = PART_CHANNEL * stride, FINAL_CHANNEL * stride
+    pad32 = [t.view(torch.int32) for t in ws.pads.peers]                           # every rank's pad words
     code = sig.error_code(OP_ID, r, sig.WHAT_BARRIER)
-    epoch = ws.bump_epoch("gemm_all_reduce")
+    epoch = ws.bump_epoch("gemm_all_reduce")                                      # [1] int32, device
     nxt, peers = (r + 1) % W, [q for q in range(W) if q != r]
-    every = sum(1 << q for q in peers)
+    C = len(bounds)
+    fin = dict(WORLD=W, BLOCK=max(32, triton.next_power_of_2(C)), num_warps=1)
     preload(_chain_prev, (1,), ws.pads.ptrs, part, epoch, ws.err_addr, code, r, ws.timeout_us, WORLD=W, num_warps=1)
     preload(_chain_wait, (1,), ws.pads.ptrs, part, 0, epoch, ws.err_addr, code, r, ws.timeout_us, num_warps=1)
-    preload(_chain_signal, (1,), ws.pads.ptrs, part, epoch, r, every, WORLD=W, num_warps=1)
+    preload(_chain_wait_finals, (1,), ws.pads.ptrs, final, r, C, epoch, ws.err_addr, code, ws.timeout_us, **fin)
     _warm(a, b, bounds)
     main = torch.cuda.current_stream()
     ws.side.wait_stream(main)          # epoch bumped, inputs ready, this rank's previous call done
+
+    def flag(q, word):                 # on the side stream: the copy engine writes the epoch into q's pad
+        pad32[q][word + r: word + r + 1].copy_(epoch)
+
     yield
     # Simulated ranks step one ``yield`` at a time, in lock-step; every wait below depends only on
     # work that its peers enqueued in an earlier phase.
@@ -179,9 +197,8 @@ def gemm_all_reduce_chain(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias:
     yield
     for c, p in schedule(W, r, L):
         lo, hi = bounds[c]
-        l = c // W
         if p == 0:
-            dst = stage[l, : hi - lo]                                             # [hi-lo, N]
+            dst = stage[c // W, : hi - lo]                                        # [hi-lo, N]
             torch.mm(a[lo:hi], b, out=dst)
         else:
             dst = recv[r][lo:hi]                                                  # [hi-lo, N], holds r-1's sum
@@ -190,23 +207,17 @@ def gemm_all_reduce_chain(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias:
             dst.addmm_(a[lo:hi], b)                                               # += own product (beta = 1)
         done = torch.cuda.Event()
         done.record(main)
-        with torch.cuda.stream(ws.side):
+        with torch.cuda.stream(ws.side):                                          # copies only: no SM work
             ws.side.wait_event(done)
-            if p < W - 1:                                                         # pass the sum on
-                recv[nxt][lo:hi].copy_(dst)                                       # [hi-lo, N] over NVLink (CE)
-                _chain_signal[(1,)](ws.pads.ptrs, part + c * W, epoch, r, 1 << nxt, WORLD=W, num_warps=1)
-            else:                                                                 # owner: publish, keep a copy
-                _chain_signal[(1,)](ws.pads.ptrs, final + c * W, epoch, r, every, WORLD=W, num_warps=1)
-                out[lo:hi].copy_(dst)
+            for q in ([nxt] if p < W - 1 else peers):                             # pass the sum on / publish it
+                recv[q][lo:hi].copy_(dst)                                         # [hi-lo, N] over NVLink (CE)
+                flag(q, (part if p < W - 1 else final) + c * W)
+            if p == W - 1:
+                out[lo:hi].copy_(dst)                                             # own rows of the result
         yield
-        if p == W - 1:                                                            # the peers' finals of level l
-            with torch.cuda.stream(ws.side):
-                for q in peers:
-                    cq = q + W * l
-                    q0, q1 = bounds[cq]
-                    _chain_wait[(1,)](ws.pads.ptrs, final + cq * W, q, epoch, ws.err_addr, code, r,
-                                      ws.timeout_us, num_warps=1)
-                    out[q0:q1].copy_(recv[q][q0:q1])                              # [q1-q0, N] over NVLink (CE)
-            yield
+    _chain_wait_finals[(1,)](ws.pads.ptrs, final, r, C, epoch, ws.err_addr, code, ws.timeout_us, **fin)
+    for c, (lo, hi) in enumerate(bounds):
+        if c % W != r:
+            out[lo:hi].copy_(recv[r][lo:hi])                                      # the peers' rows, pushed to us
     main.wait_stream(ws.side)
     return out

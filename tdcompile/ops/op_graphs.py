@@ -59,7 +59,8 @@ log = logging.getLogger("tdcompile.ops")
 REPLAYABLE = {
     "all_reduce": {"fused:one_shot", "fused:two_shot"},
     "gemm_all_reduce": {"fused:one_shot", "fused:two_shot", "fused:ce2", "fused:ce4", "fused:ce2s8", "fused:ce4s8",
-                        "fused:ce4s16", "fused:chain1", "fused:chain2"},
+                        "fused:ce4s16", "fused:chain1", "fused:chain2",
+                        "fused:chain4"},
     "all_reduce_rmsnorm": {"fused:one_shot", "fused:two_shot"},
     "gemm_all_reduce_rmsnorm": {"fused:one_shot", "fused:two_shot"},
     "all_gather_gemm": {"fused:ce"},

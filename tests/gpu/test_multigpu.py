@@ -19,7 +19,7 @@ IMPLS = {
                    "symm_mem:two_shot"],
     "gemm_all_reduce": ["fused", "fused:one_shot", "fused:two_shot", "symm_mem:one_shot", "symm_mem:two_shot",
                         "fused:lamport", "fused:lamport2", "fused:pipe2", "fused:pipe4", "fused:pipe2_nccl", "fused:pipe4_nccl",
-                        "fused:ce2", "fused:ce4", "fused:chain1", "fused:chain2"],
+                        "fused:ce2", "fused:ce4", "fused:chain2", "fused:chain4"],
     "gemm_reduce_scatter": ["fused", "symm_mem", "fused:ce"],
     "all_gather_gemm": ["fused", "symm_mem", "fused:ce"],
     "all_reduce_rmsnorm": ["fused:one_shot", "fused:two_shot", "fused:lamport", "fused:lamport2"],
