@@ -49,7 +49,10 @@ call of a shape re-measure it (``scripts/gpu_session.sh`` runs a new kernel's si
 first and, if they fail, leaves it out with ``TDCOMPILE_SKIP_CANDIDATES``).  ``fused:lamport2``
 (``kernels/all_reduce_lamport2.py``, two-shot Lamport: 10.7 us vs 13.1 for ``two_shot`` at 128x5120
 on 4xH200) joined once its tests passed (2026-11-27, after the ``tiles.preload`` fix); the session
-script still gates it on its simulated-rank and real-process tests.  ``gemm`` (cuBLAS alone, no collective) is measured so that
+script still gates it on its simulated-rank and real-process tests.  ``fused:chain2`` / ``fused:chain4``
+(``kernels/gemm_all_reduce_chain.py``: the adds in cuBLAS's epilogue) joined on 2026-11-27 after
+their simulated-rank and real-process tests passed on 2xH200 and 4xH100 (``CHAIN_GATE=1`` gates
+them in ``scripts/gpu_session.sh``).  ``gemm`` (cuBLAS alone, no collective) is measured so that
 ``backend.measured_sequence_parallel`` can tell an all_gather_gemm's gather from its GEMMs."""
 
 
