@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--m", type=int, default=4096)
     p.add_argument("--k", type=int, default=0, help="0: o_proj's 8192 / W")
     a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
     rank, W = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))

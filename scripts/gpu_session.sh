@@ -141,6 +141,9 @@ case ${STAGE:-prep} in
     if [[ $NP -gt 2 ]]; then CUDA_VISIBLE_DEVICES=0,1 TDCOMPILE_SPIN_TIMEOUT_S=10 step "${PROBE_T:-150}" \
       torchrun --nproc_per_node 2 scripts/overlap_probe.py --out "$OUT" ${PROBE_TRACE:+--trace "$PROBE_TRACE"}; fi
     [[ -z ${ROWS:-} ]] || BENCH_T=$(left) bench ;;
+  chaintrace)   # scripts/chain_trace.py on GPUs 0,1: one profiled chain2 call per rank, o_proj then down_proj
+    for k in 4096 12800; do CUDA_VISIBLE_DEVICES=0,1 TDCOMPILE_SPIN_TIMEOUT_S=10 step "${CT_T:-120}" \
+      torchrun --nproc_per_node 2 scripts/chain_trace.py --out "$OUT/k$k" --k $k; done ;;
   rows)     # bench only, from the shipped / cached measured table (CASES selects the rows)
     bench ;;
   all)
