@@ -78,3 +78,15 @@ def test_the_data_flow_gives_every_rank_the_sum(W, L, M):
 def test_variant_names():
     assert parse_chain("chain2") == 2 and parse_chain("chain1") == 1
     assert parse_chain("chain0") is None and parse_chain("ce2") is None and parse_chain("chain") is None
+
+
+@pytest.mark.parametrize("W", [2, 4, 8])
+def test_flag_words_of_chunks_and_the_entry_barrier_do_not_overlap_and_stay_in_their_channel(W):
+    """A chunk's PART / FINAL flag is word ``c * W + sender`` of its channel; the entry barrier
+    (``block_barrier`` at slot ``PREV_SLOT``) uses words ``PREV_SLOT * W + rank``."""
+    from tdcompile.kernels import gemm_all_reduce_chain as k
+    from tdcompile.kernels.symm import MAX_WORLD, PAD_SLOTS
+    chunk_words = {c * W + s for c in range(k.MAX_CHUNKS) for s in range(W)}
+    prev_words = {int(k.PREV_SLOT) * W + s for s in range(W)}
+    assert not chunk_words & prev_words
+    assert max(chunk_words | prev_words) < PAD_SLOTS * MAX_WORLD              # one channel's stride
