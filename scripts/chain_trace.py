@@ -48,7 +48,7 @@ def main() -> None:
     dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
     from tdcompile.kernels import gemm_all_reduce_chain as chain
     from tdcompile.kernels.symm import get_workspace
-    from tdcompile.measure import graph_us
+    from tdcompile.measure import capture, graph_us
     from tdcompile.ops.overlap import chunk_bounds
     ws = get_workspace(dist.group.WORLD.group_name)
     M, N, K, dt = a.m, 5120, a.k or 8192 // W, torch.bfloat16
@@ -77,15 +77,7 @@ def main() -> None:
                      ("chain", lambda: chain.gemm_all_reduce_chain(ws, x, w, None, bs, out=o))]:
         dist.barrier()
         times[name] = round(graph_us(fn), 1)
-    graph = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        chain.gemm_all_reduce_chain(ws, x, w, None, bs, out=o)
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(graph):
-        for _ in range(3):
-            chain.gemm_all_reduce_chain(ws, x, w, None, bs, out=o)
+    graph = capture(lambda: chain.gemm_all_reduce_chain(ws, x, w, None, bs, out=o), 3)
     graph.replay()
     torch.cuda.synchronize()
     dist.barrier()

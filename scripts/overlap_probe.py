@@ -57,15 +57,8 @@ def trace_ce(a, ws, ce, rank: int, W: int, M: int, N: int, dt, g) -> None:
         ce.gemm_all_reduce_ce(ws, x, w, None, bs, out=o)
     finally:
         ws.phase_barrier = None
-    graph = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        ce.gemm_all_reduce_ce(ws, x, w, None, bs, out=o)
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(graph):
-        for _ in range(3):
-            ce.gemm_all_reduce_ce(ws, x, w, None, bs, out=o)
+    from tdcompile.measure import capture
+    graph = capture(lambda: ce.gemm_all_reduce_ce(ws, x, w, None, bs, out=o), 3)
     graph.replay()
     torch.cuda.synchronize()
     dist.barrier()

@@ -125,8 +125,8 @@ def _close(out, ref) -> bool:
     return bool(err <= tol)
 
 
-def graph_us(fn, repeat: int = REPEAT, replays: int = REPLAYS) -> float:
-    """Median microseconds per call of ``fn`` captured ``repeat`` times in one CUDA graph."""
+def capture(fn, repeat: int = REPEAT) -> "torch.cuda.CUDAGraph":
+    """``fn`` called once on a side stream (warm), then captured ``repeat`` times in one CUDA graph."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -136,6 +136,12 @@ def graph_us(fn, repeat: int = REPEAT, replays: int = REPLAYS) -> float:
     with torch.cuda.graph(g):
         for _ in range(repeat):
             fn()
+    return g
+
+
+def graph_us(fn, repeat: int = REPEAT, replays: int = REPLAYS) -> float:
+    """Median microseconds per call of ``fn`` captured ``repeat`` times in one CUDA graph."""
+    g = capture(fn, repeat)
     for _ in range(3):
         g.replay()
     times = []
