@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from sim_ranks import world  # noqa: E402  (tests/gpu helper)
+from sim_ranks import capture_and_replay, warm_streams, world  # noqa: E402  (tests/gpu helpers)
 
 
 def chunked(M, C):
@@ -25,16 +25,6 @@ def reference(as_, b, bias, bounds, dtype):
         y = torch.cat(parts).float()
         acc = y if acc is None else acc + y
     return acc.to(dtype)
-
-
-def warm_streams(sim, dtype):
-    """cuBLAS allocates a workspace per stream on its first GEMM there: do that on every simulated
-    rank's stream now, not while a peer's barrier spins."""
-    x = torch.ones(8, 8, device="cuda", dtype=dtype)
-    for s in sim.streams:
-        with torch.cuda.stream(s):
-            torch.mm(x, x)
-    torch.cuda.synchronize()
 
 
 def _calls(ws, as_, b, bias, bounds_list):
@@ -160,16 +150,7 @@ def test_cuda_graph_replays(W):
 
     ref = reference(as_, b, None, bounds, dtype)          # also loads the chunk GEMMs' cuBLAS kernels
     warm_streams(sim, dtype)
-    body()
-    sim.check()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        body()
-    for k in range(20):
-        for o in outs:
-            o.fill_(float("nan"))
-        g.replay()
-    sim.check()
+    g = capture_and_replay(sim, body, outs)
     assert all(torch.equal(o, ref) for o in outs)
     for r in range(W):                                   # new inputs, same buffers
         as_[r].copy_(torch.randn(M, K, device="cuda").to(dtype))

@@ -8,11 +8,10 @@ order with the same cuBLAS calls); back-to-back calls of changing shape reuse th
 CUDA-graph replays; a peer that never arrives raises naming the op and the rank.  The offline
 PTX check needs only Triton (``pytest --noconftest -m gpu -k ptx <this file>`` on a CPU machine)."""
 import random
-import re
 
 import pytest
 import torch
-from sim_ranks import poison, world  # noqa: E402  (tests/gpu helper)
+from sim_ranks import capture_and_replay, poison, warm_streams, world  # noqa: E402  (tests/gpu helpers)
 
 
 def bounds_of(M, W, L):
@@ -36,14 +35,6 @@ def chain_reference(as_, b, bounds, W):
 
 def fp32_sum(as_, b):
     return sum(a.float() @ b.float() for a in as_)
-
-
-def warm_streams(sim, dtype):
-    x = torch.ones(8, 8, device="cuda", dtype=dtype)
-    for s in sim.streams + [w.side for w in sim.ws]:
-        with torch.cuda.stream(s):
-            torch.mm(x, x)
-    torch.cuda.synchronize()
 
 
 def _calls(ws, as_, b, bounds_list, outs=None):
@@ -148,16 +139,7 @@ def test_cuda_graph_replays(W):
 
     ref = chain_reference(as_, b, bd, W)
     warm_streams(sim, dtype)
-    body()
-    sim.check()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        body()
-    for _ in range(20):
-        for o in outs:
-            o.fill_(float("nan"))
-        g.replay()
-    sim.check()
+    g = capture_and_replay(sim, body, outs)
     assert all(torch.equal(o, outs[0]) for o in outs) and not outs[0].isnan().any()
     torch.testing.assert_close(outs[0].float(), ref.float(), rtol=2e-2, atol=2e-2)
     for r in range(W):                                   # new inputs, same buffers
