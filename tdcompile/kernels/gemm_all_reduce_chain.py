@@ -18,11 +18,15 @@ adding its product in place.  Rank r, position p = 0 .. W-1 of a chain, level l 
                   side:                                push to r+1's recv[c] ─ PART[c] -> r+1
       p = W-1     main: wait PART[c] ─ recv[c] += a[c] @ b            ─ ev ─┐
                   side:             push to every peer's recv[c] ─ FINAL[c] -> it ─ recv[c] -> out[c]
-    end           main: wait every FINAL of the peers' chunks ─ recv -> out (their rows) ─ join side
+                  (the last step copies recv[c] -> out[c] on main instead, beside its final push)
+    end           main: per peer chunk, in level order: wait its FINAL ─ recv -> out ─ ... ─ join side
 
 The step that needs rank r-1's push of position p-1 comes L steps after the step that made
 it, so with L >= 2 each push hides behind a whole GEMM chunk.  Exposed: the (W-1) L main-stream
-waits (a few us each), the last level's final pushes, the copy of the peers' rows into ``out``.
+waits (a few us each), the last level's final pushes, the copy of the last peers' rows into
+``out``.  On 2xH100 (o_proj, M=4096) the end was 69 us after the GEMMs when the own last copy
+queued behind the final push and every peer copy waited for all finals (``chain-trace-h100-w2-
+20261128.json``): the early finals are now copied while the last ones are in flight.
 NVLink bytes per rank: 2 (W-1)/W of the output, as a ring all-reduce.  Every rank ends with the
 bits its owners computed, so all ranks hold the same result.  The sum is rounded once per hop
 (the epilogue writes bf16/fp16), like a ring all-reduce of bf16 partials; its order is the
@@ -85,23 +89,6 @@ def _chain_wait(pad_tab, off, src, epoch_ptr, err_addr, err_code, rank, timeout_
     tmo = tl.where(dead, 0, timeout_us.to(tl.int64) * 1000)
     own = tl.load(pad_tab + rank).to(tl.pointer_type(tl.int32)) + off + src
     if wait_geq(own, epoch, tmo) == 0:
-        record_error(err_addr, err_code)
-
-
-@triton.jit(do_not_specialize=["off", "rank", "chunks", "err_code", "timeout_us"])
-def _chain_wait_finals(pad_tab, off, rank, chunks, epoch_ptr, err_addr, err_code, timeout_us,
-                       WORLD: tl.constexpr, BLOCK: tl.constexpr):
-    """Spin until every peer-owned chunk's FINAL flag (word ``off + c * WORLD + c % WORLD``) holds
-    this call's epoch (bounded)."""
-    c = tl.arange(0, BLOCK)
-    epoch = tl.load(epoch_ptr)
-    dead = tl.load(err_addr.to(tl.pointer_type(tl.int32)), volatile=True) != 0
-    tmo = tl.where(dead, 0, timeout_us.to(tl.int64) * 1000)
-    own = tl.load(pad_tab + rank).to(tl.pointer_type(tl.int32))
-    theirs = (c < chunks) & (c % WORLD != rank)
-    # the other lanes poll the epoch itself, which already holds the value they wait for
-    words = tl.where(theirs, own + off + c * WORLD + c % WORLD, epoch_ptr + c * 0)
-    if tl.min(wait_geq(words, epoch, tmo), axis=0) == 0:
         record_error(err_addr, err_code)
 
 
@@ -178,10 +165,8 @@ def gemm_all_reduce_chain(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias:
     epoch = ws.bump_epoch("gemm_all_reduce")                                      # [1] int32, device
     nxt, peers = (r + 1) % W, [q for q in range(W) if q != r]
     C = len(bounds)
-    fin = dict(WORLD=W, BLOCK=max(32, triton.next_power_of_2(C)), num_warps=1)
     preload(_chain_prev, (1,), ws.pads.ptrs, part, epoch, ws.err_addr, code, r, ws.timeout_us, WORLD=W, num_warps=1)
     preload(_chain_wait, (1,), ws.pads.ptrs, part, 0, epoch, ws.err_addr, code, r, ws.timeout_us, num_warps=1)
-    preload(_chain_wait_finals, (1,), ws.pads.ptrs, final, r, C, epoch, ws.err_addr, code, ws.timeout_us, **fin)
     _warm(a, b, bounds)
     main = torch.cuda.current_stream()
     ws.side.wait_stream(main)          # epoch bumped, inputs ready, this rank's previous call done
@@ -195,7 +180,8 @@ def gemm_all_reduce_chain(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias:
     with torch.cuda.stream(ws.side):
         _chain_prev[(1,)](ws.pads.ptrs, part, epoch, ws.err_addr, code, r, ws.timeout_us, WORLD=W, num_warps=1)
     yield
-    for c, p in schedule(W, r, L):
+    steps = schedule(W, r, L)
+    for i, (c, p) in enumerate(steps):
         lo, hi = bounds[c]
         if p == 0:
             dst = stage[c // W, : hi - lo]                                        # [hi-lo, N]
@@ -207,17 +193,21 @@ def gemm_all_reduce_chain(ws: Workspace, a: torch.Tensor, b: torch.Tensor, bias:
             dst.addmm_(a[lo:hi], b)                                               # += own product (beta = 1)
         done = torch.cuda.Event()
         done.record(main)
+        last = i == len(steps) - 1
         with torch.cuda.stream(ws.side):                                          # copies only: no SM work
             ws.side.wait_event(done)
             for q in ([nxt] if p < W - 1 else peers):                             # pass the sum on / publish it
                 recv[q][lo:hi].copy_(dst)                                         # [hi-lo, N] over NVLink (CE)
                 flag(q, (part if p < W - 1 else final) + c * W)
-            if p == W - 1:
-                out[lo:hi].copy_(dst)                                             # own rows of the result
+            if p == W - 1 and not last:
+                out[lo:hi].copy_(dst)                                             # own rows, beside the next GEMM
+        if last:                          # the SMs are free now: not behind the final push, but beside it
+            out[lo:hi].copy_(dst)                                                 # [hi-lo, N]
         yield
-    _chain_wait_finals[(1,)](ws.pads.ptrs, final, r, C, epoch, ws.err_addr, code, ws.timeout_us, **fin)
-    for c, (lo, hi) in enumerate(bounds):
-        if c % W != r:
-            out[lo:hi].copy_(recv[r][lo:hi])                                      # the peers' rows, pushed to us
+    for c in sorted((c for c in range(C) if owner(c, W) != r), key=lambda c: c // W):
+        lo, hi = bounds[c]                # in level order: the early finals are copied while the last ones fly
+        _chain_wait[(1,)](ws.pads.ptrs, final + c * W, owner(c, W), epoch, ws.err_addr, code, r,
+                          ws.timeout_us, num_warps=1)
+        out[lo:hi].copy_(recv[r][lo:hi])                                          # the peer's rows, pushed to us
     main.wait_stream(ws.side)
     return out

@@ -56,10 +56,6 @@ def test_ptx_waits_are_bounded(W):
     p = ptx(k._chain_wait, {**common, "off": "i32", "src": "i32", "epoch_ptr": "*i32", "err_addr": "i64",
                             "err_code": "i32", "rank": "i32", "timeout_us": "i32"}, {}, 1, aligned=False)
     assert "%globaltimer" in p and "ld.acquire.sys" in p
-    p = ptx(k._chain_wait_finals, {**common, "off": "i32", "rank": "i32", "chunks": "i32", "epoch_ptr": "*i32",
-                                   "err_addr": "i64", "err_code": "i32", "timeout_us": "i32"},
-            {"WORLD": W, "BLOCK": 32}, 1, aligned=False)
-    assert "%globaltimer" in p and "ld.acquire.sys" in p
     p = ptx(k._chain_prev, {**common, "pad_off": "i32", "epoch_ptr": "*i32", "err_addr": "i64", "err_code": "i32",
                             "rank": "i32", "timeout_us": "i32"}, {"WORLD": W}, 1, aligned=False)
     assert "%globaltimer" in p and "ld.acquire.sys" in p
