@@ -311,7 +311,7 @@ def decide_measured(m, may_measure: bool = True, margin: Optional[float] = None,
         return Decision("unfused", {}, f"{key.id()} is not in the measured table ({why}): keeping Inductor's code")
     mine = {c: t for c, t in times.items() if c in cands}              # cands: unfused and host entries too
     eff = measured.effective(mine, charge_host)
-    choice, why = measured.choose(eff, key.m, margin)
+    choice, why = measured.choose(eff, key.m, margin, charge_host)
     if eff != measured.device_times(mine):
         why += " (un-graphed: the larger of device and host time per call)"
     return Decision(choice, {c: round(t, 1) for c, t in eff.items()}, why, source=source)
@@ -345,7 +345,9 @@ def _table_digest() -> str:
     h = hashlib.sha256()
     for w, t in sorted(measured._TABLES.items()):
         for kid in sorted(t.entries):
-            h.update(f"{w}:{kid}:{measured.choose(t.entries[kid], measured.Key.parse(kid).m)[0]};".encode())
+            m = measured.Key.parse(kid).m
+            picks = [measured.choose(t.entries[kid], m, charge_host=c)[0] for c in (True, False)]
+            h.update(f"{w}:{kid}:{picks};".encode())
     return h.hexdigest()[:16]
 
 

@@ -52,7 +52,7 @@ class Options:
     strategy: str = "auto"
     """How matches are decided. ``"auto"``: per match and shape, the fastest candidate in the
     measured table (unfused, every tdist kernel variant, torch symmetric memory), unfused
-    winning unless beaten by more than ``measured.tie(M)`` (15%; 8% at decode sizes), each call
+    winning unless beaten by more than ``measured.tie(M)`` (15%; 10% under CUDA graphs; 8% at decode sizes), each call
     costed at max(device, host time) unless the graph is CUDA-graphed (``cuda_graphs``); a shape
     not yet measured is measured while compiling
     on the GPU (all ranks together); without a GPU the fitted analytic model predicts, or, with no profile,

@@ -51,6 +51,18 @@ def test_decode_sized_rows_take_a_smaller_win():
     assert measured.tie(measured.SMALL_M) == measured.TIE_SMALL and measured.tie(measured.SMALL_M * 2) == measured.TIE
 
 
+def test_graphed_large_rows_take_a_win_above_ten_percent():
+    """Under CUDA graphs (``charge_host=False``) M > SMALL_M needs TIE_GRAPHED (10%), un-graphed
+    still TIE (15%); decode sizes keep TIE_SMALL either way."""
+    down = {"unfused": 955.3, "fused:chain2": 825.0, "host:unfused": 288.5, "host:fused:chain2": 60.2}
+    assert choose(down, 4096, charge_host=False)[0] == "fused:chain2"         # 0.864x: 2xH100, M=4096
+    assert choose(down, 4096)[0] == "unfused"                                 # un-graphed: inside 15%
+    assert choose({"unfused": 611.6, "fused:two_shot": 563.8}, 4096, charge_host=False)[0] == "unfused"  # 0.92x
+    assert measured.tie(4096, graphed=True) == measured.TIE_GRAPHED < measured.TIE == measured.tie(4096)
+    assert measured.tie(128, graphed=True) == measured.TIE_SMALL == measured.tie(128)
+    assert choose(down, 4096, margin=0.15, charge_host=False)[0] == "unfused"  # an explicit margin still rules
+
+
 def test_an_explicit_margin_replaces_the_default_at_every_m():
     """``Options.margin`` (bench column ``tdist:margin5``): 0.852x is taken at a 5% margin and
     kept unfused at the default large-M one; 0.97x stays unfused at 5% too."""
