@@ -11,6 +11,7 @@
 #                                             # left out of auto), real-process tests (failing: NEW_CANDIDATES
 #                                             # are left out), all-reduce bench, calibrate (SP=1: with the
 #                                             # sequence-parallel keys), bench (given what is left of DEADLINE s)
+#   STAGE=gemm  bash scripts/gpu_session.sh   # one GPU: GEMM alone (cuBLAS, pointer, TMA configs) + TMA tests
 # REUSE=1: calibrate keeps shipped entries whose code is unchanged and measures only the stale or
 # missing candidates (e.g. host entries after a change to the op dispatch path): seconds, not minutes.
 set -uo pipefail
@@ -144,6 +145,10 @@ case ${STAGE:-prep} in
   chaintrace)   # scripts/chain_trace.py on GPUs 0,1: one profiled chain2 call per rank, o_proj then down_proj
     for k in 4096 12800; do CUDA_VISIBLE_DEVICES=0,1 TDCOMPILE_SPIN_TIMEOUT_S=10 step "${CT_T:-120}" \
       torchrun --nproc_per_node 2 scripts/chain_trace.py --out "$OUT/k$k" --k $k; done ;;
+  gemm)     # ONE GPU: benchmarks/bench_gemm.py (cuBLAS vs pointer vs TMA GEMM), then the TMA GEMM's tests
+    step "${GEMM_T:-300}" python3 benchmarks/bench_gemm.py --out "$OUT" ${GEMM_ARGS:-}
+    TDCOMPILE_SPIN_TIMEOUT_S=5 step "${SIM_T:-240}" python3 -m pytest -q -rs -p no:cacheprovider -m gpu \
+      tests/gpu/test_gemm_tma.py ;;
   rows)     # bench only, from the shipped / cached measured table (CASES selects the rows)
     bench ;;
   all)
@@ -159,6 +164,6 @@ case ${STAGE:-prep} in
     bench ;;
 esac
 # the device tool returns at most 8 files: keep the bench JSONs and this log loose, the rest in one tarball
-( cd "$OUT" && rm -f profile-tp*.json && ls | grep -vE '^(bench-.*-tp[0-9]+-[0-9]{8}-[0-9]{6}\.json|session-.*\.log|host-profile-.*|results-.*\.tgz)$' \
+( cd "$OUT" && rm -f profile-tp*.json && ls | grep -vE '^(bench-.*-tp[0-9]+-[0-9]{8}-[0-9]{6}\.json|gemm-.*\.json|session-.*\.log|host-profile-.*|results-.*\.tgz)$' \
     | tar czf "results-$STAGE.tgz" -T - --remove-files 2>/dev/null ) || true
 
