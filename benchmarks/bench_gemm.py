@@ -1,6 +1,6 @@
 """GEMM alone on one GPU: cuBLAS vs our pointer-load Triton GEMM vs the TMA GEMM (every config).
 
-    python3 benchmarks/bench_gemm.py --out DIR [--world 2,4] [--m 128,4096]
+    python3 benchmarks/bench_gemm.py --out DIR [--world 2,4] [--m 128,4096] [--picked] [--chain 4096,2]
 
 The shapes are Qwen3-32B's per-rank projections at tensor-parallel degree W (hidden 5120,
 intermediate 25600, 64 query heads and 8 KV heads of 128): q_proj and k_proj (the column-parallel
@@ -61,6 +61,35 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
+def chain_rows(args, worlds: list, M: int, L: int) -> list:
+    """The chain GEMM + all-reduce's chunk GEMMs (``kernels/gemm_all_reduce_chain.py``): M/(W*L)
+    rows each, added into the partial sum that arrived (cuBLAS ``addmm_`` with beta = 1) against
+    the TMA GEMM with ``accumulate`` (its picked config)."""
+    from tdcompile.kernels.gemm_tma import pick_tma_config, tma_gemm
+    rows = []
+    for W in worlds:
+        m = M // (W * L)
+        for name, N, K in shapes(W):
+            if name not in ("o_proj", "down_proj"):
+                continue
+            x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)                 # [m, K] chunk
+            b = (torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02).t()    # [K, N] view
+            c0 = torch.randn(m, N, device="cuda", dtype=torch.bfloat16)                # partial sum in
+            c = c0.clone()
+            ref = torch.addmm(c0, x, b)
+            cfg = pick_tma_config(m, N, K, accumulate=True)
+            tma_gemm(x, b, out=c, cfg=cfg, accumulate=True)
+            r = {"W": W, "name": f"{name} chain chunk (L={L})", "M": m, "N": N, "K": K, "accumulate": True,
+                 "tma_picked": cfg.name(), "tma_err": rel_err(c, ref)}
+            r["cublas_us"] = graph_us(lambda: c.addmm_(x, b), args.calls, args.replays)
+            r["tma_picked_us"] = graph_us(lambda: tma_gemm(x, b, out=c, cfg=cfg, accumulate=True), args.calls,
+                                          args.replays)
+            r["tma_picked_vs_cublas"] = round(r["cublas_us"] / r["tma_picked_us"], 3)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -69,6 +98,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--replays", type=int, default=7)
     ap.add_argument("--configs", default="", help="comma-separated config names (default: all)")
+    ap.add_argument("--picked", action="store_true", help="only the config pick_tma_config picks per shape")
+    ap.add_argument("--chain", default="", help="also the chain's accumulating chunk GEMMs: full M,L (e.g. 4096,2)")
     args = ap.parse_args()
     import triton
     from tdcompile.kernels.all_gather_gemm import local_gemm
@@ -93,7 +124,7 @@ def main() -> None:
                 r["pointer_err"] = rel_err(local_gemm(x, b), ref)
                 r["pointer_us"] = graph_us(lambda: local_gemm(x, b), args.calls, args.replays)
                 r["tma"] = {}
-                for cfg in cfgs:
+                for cfg in ([pick_tma_config(M, N, K)] if args.picked else cfgs):
                     if M <= 128 and cfg.BLOCK_SIZE_M > 64 or M > 128 and cfg.BLOCK_SIZE_M < 128:
                         continue
                     try:
@@ -114,6 +145,8 @@ def main() -> None:
                 r["cublas_tflops"] = round(2 * M * N * K / r["cublas_us"] / 1e6, 1)
                 print(json.dumps({k: v for k, v in r.items() if k != "tma"}), flush=True)
                 rows.append(r)
+    if args.chain:
+        rows += chain_rows(args, [int(x) for x in args.world.split(",")], *[int(x) for x in args.chain.split(",")])
     props = torch.cuda.get_device_properties(0)
     date = datetime.datetime.now(datetime.timezone.utc)
     doc = {"kind": "gemm", "mode": "one_gpu", "date": date.isoformat(timespec="seconds"),

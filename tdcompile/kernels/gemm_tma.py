@@ -15,7 +15,8 @@ could win.  This one follows the designs in ``shared/reference/fast-kernels.md``
   is stored); C may be stored in two halves (``EPILOGUE_SUBTILE``: less shared memory for C,
   one more stage for A/B).
 
-``WORLD > 1`` makes it the GEMM of an all-gather + GEMM: A is the gathered [WORLD*m_seg, K]
+``ACC_IN`` adds the tile to what C holds (``C += A @ B``, as cuBLAS's ``addmm_`` with beta = 1 in
+the chain GEMM + all-reduce).  ``WORLD > 1`` makes it the GEMM of an all-gather + GEMM: A is the gathered [WORLD*m_seg, K]
 matrix, the tiles of shard ``s = (rank + i) % WORLD`` come i-th, and before its first tile of a
 peer's shard each CTA waits (bounded, ``signals.wait_geq``) for that shard's flag, written by
 the copy engine after the shard's copy.  TMA reads go through the async proxy, so a
@@ -82,14 +83,23 @@ def tma_configs() -> list[TmaConfig]:
     return big + small
 
 
-def pick_tma_config(m_rows: int, n: int, k: int) -> TmaConfig:
-    """Pure function of the shape (same answer on every rank)."""
+def pick_tma_config(m_rows: int, n: int, k: int, accumulate: bool = False) -> TmaConfig:
+    """Pure function of the shape (same answer on every rank), from the measurement of every
+    ``tma_configs()`` candidate on the Qwen3-32B shapes at TP=2 and TP=4 (1×H100,
+    ``benchmarks/results/gemm-h100-80gb-hbm3-20261207-154651.json``): 128x256 tiles with the split
+    epilogue everywhere above 128 rows (4 stages when K <= 4096: o_proj 1.10-1.14x cuBLAS, 3
+    otherwise: down_proj 1.11x at K=12800), 128x128 with 5 stages for narrow N (k/v_proj); at
+    decode sizes 64x128 tiles for N > 4096, 64x64 below.  ``accumulate`` (C is read back into
+    shared memory too): 3 stages, as 4 no longer fit in 227 KB (262 KB, compiled offline)."""
     if m_rows <= 128:
+        if n > 4096:
+            return TmaConfig(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, num_warps=4, num_stages=4)
         return TmaConfig(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, num_warps=4, num_stages=6)
-    if m_rows * n <= 2048 * 5120:
-        return TmaConfig(BLOCK_SIZE_M=128, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, num_warps=8, num_stages=4)
-    return TmaConfig(BLOCK_SIZE_M=128, BLOCK_SIZE_N=256, BLOCK_SIZE_K=64, num_warps=8, num_stages=3,
-                     EPILOGUE_SUBTILE=True)
+    if n <= 512:
+        return TmaConfig(BLOCK_SIZE_M=128, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, num_warps=8, num_stages=5,
+                         EPILOGUE_SUBTILE=True)
+    return TmaConfig(BLOCK_SIZE_M=128, BLOCK_SIZE_N=256, BLOCK_SIZE_K=64, num_warps=8,
+                     num_stages=4 if k <= 4096 and not accumulate else 3, EPILOGUE_SUBTILE=True)
 
 
 @triton.jit
@@ -103,7 +113,7 @@ def _proxy_fence():
 def _tma_gemm_kernel(a_desc, b_desc, c_desc, progress_ptr, m_seg, N, K, err_addr, err_code, rank, timeout_us,
                      WORLD: tl.constexpr, B_KN: tl.constexpr, BLOCK_SIZE_M: tl.constexpr,
                      BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
-                     EPILOGUE_SUBTILE: tl.constexpr, FLATTEN: tl.constexpr):
+                     EPILOGUE_SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, ACC_IN: tl.constexpr = False):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     num_pid_m = tl.cdiv(m_seg, BLOCK_SIZE_M)
@@ -138,9 +148,14 @@ def _tma_gemm_kernel(a_desc, b_desc, c_desc, progress_ptr, m_seg, N, K, err_addr
             if EPILOGUE_SUBTILE:
                 halves = tl.permute(tl.reshape(acc, (BLOCK_SIZE_M, 2, BLOCK_SIZE_N // 2)), (0, 2, 1))
                 c0, c1 = tl.split(halves)                                    # [BM, BN/2] each
+                if ACC_IN:                                                   # C += A @ B (fp32 add, one rounding)
+                    c0 += c_desc.load([row0, col0]).to(tl.float32)
+                    c1 += c_desc.load([row0, col0 + BLOCK_SIZE_N // 2]).to(tl.float32)
                 c_desc.store([row0, col0], c0.to(c_desc.dtype))
                 c_desc.store([row0, col0 + BLOCK_SIZE_N // 2], c1.to(c_desc.dtype))
             else:
+                if ACC_IN:
+                    acc += c_desc.load([row0, col0]).to(tl.float32)
                 c_desc.store([row0, col0], acc.to(c_desc.dtype))
     if WORLD > 1:                                     # (WORLD = 1 waits for nothing and records nothing)
         if ok == 0:
@@ -210,18 +225,25 @@ def preload(grid, *args, **kwargs) -> None:
 
 
 def tma_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, cfg: TmaConfig | None = None,
-             grid_sms: int | None = None) -> torch.Tensor:
+             grid_sms: int | None = None, accumulate: bool = False) -> torch.Tensor:
     """``a @ b`` ([M, K] @ [K, N]) with the TMA GEMM, no communication: the launcher (check,
-    allocate, launch).  ``b`` may be the transposed view of an [N, K] weight."""
+    allocate, launch).  ``b`` may be the transposed view of an [N, K] weight.  ``accumulate``:
+    ``out += a @ b`` (``torch.addmm(out, a, b, out=out)``: the sum in fp32, rounded once)."""
     reason = unsupported_reason(a, b)
+    if not reason and out is not None and (out.shape != (a.shape[0], b.shape[1]) or out.dtype != a.dtype
+                                           or not _aligned(out)):
+        reason = "out must be [M, N] of A's dtype, 16-byte aligned, row-major"
+    if not reason and accumulate and out is None:
+        reason = "accumulate needs out"
     if reason:
         raise ValueError(f"tma_gemm: {reason}")
     M, K = a.shape
     N = b.shape[1]
-    cfg = cfg or pick_tma_config(M, N, K)
+    cfg = cfg or pick_tma_config(M, N, K, accumulate)
     c = out if out is not None else torch.empty((M, N), dtype=a.dtype, device=a.device)
     a_desc, b_desc, c_desc, b_kn = launch_args(a, b, c, cfg)
     tiles = triton.cdiv(M, cfg.BLOCK_SIZE_M) * triton.cdiv(N, cfg.BLOCK_SIZE_N)
     grid = (max(1, min(grid_sms or num_sms(), tiles)),)
-    _tma_gemm_kernel[grid](a_desc, b_desc, c_desc, a, M, N, K, 0, 0, 0, 1, WORLD=1, B_KN=b_kn, **cfg.kwargs())
+    _tma_gemm_kernel[grid](a_desc, b_desc, c_desc, a, M, N, K, 0, 0, 0, 1, WORLD=1, B_KN=b_kn, ACC_IN=accumulate,
+                           **cfg.kwargs())
     return c

@@ -45,13 +45,30 @@ def test_fp16_and_a_preallocated_output():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("M", [1000, 96])
+def test_accumulate_adds_into_out_like_addmm(M):
+    """``accumulate``: out += a @ b, as the chain GEMM + all-reduce's ``addmm_`` (beta = 1)."""
+    from tdcompile.kernels.gemm_tma import pick_tma_config, tma_gemm
+    a = torch.randn((M, 640), device="cuda").bfloat16()
+    b = _weight(5120, 640, torch.bfloat16, 2)
+    c0 = torch.randn((M, 5120), device="cuda").bfloat16()
+    out = c0.clone()
+    tma_gemm(a, b, out=out, accumulate=True)
+    want = c0.float() + a.float() @ b.float()
+    assert ((out.float() - want).norm() / want.norm()).item() < 1e-2, pick_tma_config(M, 5120, 640).name()
+    with pytest.raises(ValueError, match="accumulate needs out"):
+        tma_gemm(a, b, accumulate=True)
+
+
+@pytest.mark.gpu
 def test_refuses_what_tma_cannot_read():
     from tdcompile.kernels.gemm_tma import tma_gemm, unsupported_reason
     a = torch.randn((64, 100), device="cuda").bfloat16()
     assert unsupported_reason(a.float(), _weight(64, 100, torch.float32, 0)) is not None    # fp32
     assert "16-byte" in unsupported_reason(torch.randn((64, 12), device="cuda").bfloat16()[:, 1:9],
                                            _weight(64, 8, torch.bfloat16, 0))              # misaligned A
-    assert "N * element size" in unsupported_reason(a, _weight(12, 100, torch.bfloat16, 0))
+    a128 = torch.randn((64, 128), device="cuda").bfloat16()
+    assert "N * element size" in unsupported_reason(a128, _weight(12, 128, torch.bfloat16, 0))
     with pytest.raises(ValueError, match="tma_gemm"):
         tma_gemm(a.float(), _weight(64, 100, torch.float32, 0))
 
