@@ -182,3 +182,55 @@ def test_ptx_uses_tma_and_wgmma_and_fences_after_the_flag():
     acq, fence = p.find("ld.acquire.sys.global"), p.find("fence.proxy.async.global")
     assert 0 <= acq < fence, "the async-proxy fence must follow the flag's acquire"
     assert not re.search(r"ld\.global(\.\w+)*\.v4\.b32", p), "A/B must come by TMA, not per-thread loads"
+
+
+# ------------------------------------------------------------------------------ real processes
+def _real_worker(rank, world_size, port, q):
+    from real_ranks import failure, init_rank
+    dist = init_rank(rank, world_size, port, TDCOMPILE_SPIN_TIMEOUT_S="10")
+    done = []
+    try:
+        from tdcompile.kernels.all_gather_gemm_tma import all_gather_gemm_tma
+        from tdcompile.kernels.symm import get_workspace
+        ws = get_workspace(dist.group.WORLD.group_name)
+        cases = [(128, 256, [256]), (256, 512, [384, 128]), (128, 320, [136, 64, 520]), (1024, 5120, [2560, 512]),
+                 (64 if world_size == 2 else 128, 256, [512])]
+        for i, (m, K, Ns) in enumerate(cases):        # one call at a time: the failing one is named
+            shard = _shards(world_size, m, K, 100 + i)[rank]
+            bs = [_weight(N, K, torch.bfloat16, 10 * i + j, ("linear", "kn")[j % 2]) for j, N in enumerate(Ns)]
+            ws.phase_barrier = dist.barrier           # first call: every rank compiles before any waits
+            try:
+                a_out, outs = all_gather_gemm_tma(ws, shard, bs, True)
+            finally:
+                ws.phase_barrier = None
+            ws.check(sync=True)
+            A = torch.empty((world_size * m, K), device="cuda", dtype=torch.bfloat16)
+            dist.all_gather_into_tensor(A, shard)
+            assert torch.equal(a_out, A), i
+            for c, b in zip(outs, bs):
+                want = A.float() @ b.float()
+                assert ((c.float() - want).norm() / want.norm()).item() < 1e-2, i
+                c0 = c.clone()
+                dist.broadcast(c0, 0)
+                assert torch.equal(c, c0), f"call {i}: rank {rank} differs from rank 0"
+            done.append(i)
+        shard = _shards(world_size, 256, 512, 7)[rank]
+        bs = [_weight(384, 512, torch.bfloat16, 8)]
+        first = all_gather_gemm_tma(ws, shard, bs)[1][0].clone()
+        for _ in range(30):                           # back to back, no host sync
+            out = all_gather_gemm_tma(ws, shard, bs)[1][0]
+        ws.check(sync=True)
+        assert torch.equal(out, first)
+        q.put((rank, "ok"))
+    except BaseException as e:  # noqa: BLE001
+        q.put((rank, f"after calls {done[-3:]}: {failure(e)}"))
+        raise
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_all_gather_gemm_tma_real_processes(world_size):
+    """Real ranks: changing shapes and weight counts (A bit for bit, outputs close to cuBLAS and
+    the same bits on every rank), then 30 calls back to back with the same result."""
+    from real_ranks import expect_all_ok
+    expect_all_ok(_real_worker, world_size, timeout=300)
