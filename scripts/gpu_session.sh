@@ -12,7 +12,7 @@
 #                                             # are left out), all-reduce bench, calibrate (SP=1: with the
 #                                             # sequence-parallel keys), bench (given what is left of DEADLINE s)
 #   STAGE=gemm  bash scripts/gpu_session.sh   # one GPU: GEMM alone (cuBLAS, pointer, TMA configs) + TMA tests
-#   STAGE=ag    bash scripts/gpu_session.sh   # TMA all-gather + GEMM: tests, then its variants side by side
+#   STAGE=tma   bash scripts/gpu_session.sh   # AG-GEMM / GEMM-RS on the TMA GEMM: tests, then every variant side by side
 # REUSE=1: calibrate keeps shipped entries whose code is unchanged and measures only the stale or
 # missing candidates (e.g. host entries after a change to the op dispatch path): seconds, not minutes.
 set -uo pipefail
@@ -150,13 +150,13 @@ case ${STAGE:-prep} in
     step "${GEMM_T:-300}" python3 benchmarks/bench_gemm.py --out "$OUT" ${GEMM_ARGS:-}
     TDCOMPILE_SPIN_TIMEOUT_S=5 step "${SIM_T:-240}" python3 -m pytest -q -rs -p no:cacheprovider -m gpu \
       tests/gpu/test_gemm_tma.py ;;
-  ag)       # the TMA all-gather + GEMM: its tests (one GPU, then real processes), then the variants side by
-            # side (benchmarks/bench_ag_gemm.py) at W=NP and, on a bigger host, W=2 on GPUs 0,1
-    TDCOMPILE_SPIN_TIMEOUT_S=5 step "${SIM_T:-150}" python3 -m pytest -q -rs -p no:cacheprovider -m "gpu or multigpu" \
-      tests/gpu/test_gemm_tma.py
-    step "${AG_T:-150}" torchrun --nproc_per_node "$NP" benchmarks/bench_ag_gemm.py --out "$OUT" ${AG_ARGS:-}
-    if [[ $NP -gt 2 ]]; then CUDA_VISIBLE_DEVICES=0,1 step "${AG_T:-150}" torchrun --nproc_per_node 2 \
-      benchmarks/bench_ag_gemm.py --out "$OUT" ${AG_ARGS:-}; fi ;;
+  tma)      # the fused ops on the TMA GEMM: their tests (one GPU, then real processes; a failing file is named in
+            # the log), then every variant side by side (benchmarks/bench_tma_ops.py) at W=NP and W=2 on GPUs 0,1
+    TDCOMPILE_SPIN_TIMEOUT_S=5 step "${SIM_T:-240}" python3 -m pytest -q -rs -p no:cacheprovider -m "gpu or multigpu" \
+      tests/gpu/test_gemm_tma.py tests/gpu/test_gemm_reduce_scatter_tma.py
+    step "${TMA_T:-180}" torchrun --nproc_per_node "$NP" benchmarks/bench_tma_ops.py --out "$OUT" ${TMA_ARGS:-}
+    if [[ $NP -gt 2 ]]; then CUDA_VISIBLE_DEVICES=0,1 step "${TMA_T:-180}" torchrun --nproc_per_node 2 \
+      benchmarks/bench_tma_ops.py --out "$OUT" ${TMA_ARGS:-}; fi ;;
   rows)     # bench only, from the shipped / cached measured table (CASES selects the rows)
     bench ;;
   all)
@@ -172,6 +172,6 @@ case ${STAGE:-prep} in
     bench ;;
 esac
 # the device tool returns at most 8 files: keep the bench JSONs and this log loose, the rest in one tarball
-( cd "$OUT" && rm -f profile-tp*.json && ls | grep -vE '^(bench-.*-tp[0-9]+-[0-9]{8}-[0-9]{6}\.json|gemm-.*\.json|ag-gemm-.*\.json|session-.*\.log|host-profile-.*|results-.*\.tgz)$' \
+( cd "$OUT" && rm -f profile-tp*.json && ls | grep -vE '^(bench-.*-tp[0-9]+-[0-9]{8}-[0-9]{6}\.json|gemm-.*\.json|tma-ops-.*\.json|session-.*\.log|host-profile-.*|results-.*\.tgz)$' \
     | tar czf "results-$STAGE.tgz" -T - --remove-files 2>/dev/null ) || true
 

@@ -80,7 +80,7 @@ def all_gather_gemm_tma(ws: Workspace, a_shard: torch.Tensor, bs: list, return_a
         grid = (max(1, min(sms, tiles)),)
         args = (a_desc, b_desc, c_desc, ws.progress, m, N, K, ws.err_addr, code, r, ws.timeout_us)
         kw = dict(WORLD=W, B_KN=b_kn, **cfg.kwargs())
-        preload_gemm(grid, *args, **kw)
+        preload_gemm(_tma_gemm_kernel, grid, *args, **kw)
         launches.append((grid, args, kw))
     pad_stride = PAD_SLOTS * MAX_WORLD
     epoch = ws.bump_epoch("all_gather_gemm")

@@ -207,17 +207,17 @@ def launch_args(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cfg: TmaConfi
 _LOADED: set = set()
 
 
-def preload(grid, *args, **kwargs) -> None:
-    """``tiles.preload`` for ``_tma_gemm_kernel``: compile and load the variant for these arguments
-    before anything that waits on a peer is launched (a descriptor specialises on its dtype and
-    box shape)."""
-    key = (torch.cuda.current_device(),
+def preload(kernel, grid, *args, **kwargs) -> None:
+    """``tiles.preload`` for kernels taking tensor descriptors: compile and load the variant for
+    these arguments before anything that waits on a peer is launched (a descriptor specialises
+    on its dtype and box shape)."""
+    key = (id(kernel), torch.cuda.current_device(),
            tuple(("desc", str(v.base.dtype), tuple(v.block_shape)) if isinstance(v, TensorDescriptor) else _spec(v)
                  for v in args),
            tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
     if key in _LOADED:
         return
-    ck = _tma_gemm_kernel.warmup(*args, grid=grid, **kwargs)
+    ck = kernel.warmup(*args, grid=grid, **kwargs)
     if hasattr(ck, "result"):
         ck = ck.result()
     ck._init_handles()
