@@ -45,14 +45,14 @@ from tdcompile.kernels.tiles import num_sms, preload, swizzle
 @triton.jit(do_not_specialize=["m_seg", "rank"])
 def _rs_tma_gemm(a_desc, b_desc, stage_ptr, own_ptr, cnt_ptr, m_seg, N, K, rank, WORLD: tl.constexpr,
                  B_KN: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
-                 BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr):
+                 BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr, FLATTEN: tl.constexpr):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     num_pid_m = tl.cdiv(m_seg, BLOCK_SIZE_M)
     num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
     tps = num_pid_m * num_pid_n                        # tiles per destination
     k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
-    for t in tl.range(pid, WORLD * tps, G):
+    for t in tl.range(pid, WORLD * tps, G, flatten=FLATTEN):   # no waits inside: the pipeline may span tiles
         i = t // tps                                   # destination index: peers 0..W-2, own W-1
         d = (rank + 1 + i) % WORLD
         pid_m, pid_n = swizzle(t % tps, num_pid_m, num_pid_n, GROUP_SIZE_M)
@@ -138,7 +138,8 @@ def gemm_reduce_scatter_tma(ws: Workspace, a: torch.Tensor, b: torch.Tensor,
     grid = (max(1, min(sms, W * tps)),)
     gemm_args = (a_desc, b_desc, stage, recv[r][r].view(m, N), cnt, m, N, K, r)
     gemm_kw = dict(WORLD=W, B_KN=b_kn, BLOCK_SIZE_M=BM, BLOCK_SIZE_N=BN, BLOCK_SIZE_K=BK,
-                   GROUP_SIZE_M=cfg.GROUP_SIZE_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                   GROUP_SIZE_M=cfg.GROUP_SIZE_M, FLATTEN=cfg.FLATTEN, num_warps=cfg.num_warps,
+                   num_stages=cfg.num_stages)
     pad_stride = PAD_SLOTS * MAX_WORLD
     epoch = ws.bump_epoch("gemm_reduce_scatter")
     prev = (ws.pads.ptrs, PREV_CHANNEL * pad_stride, epoch, ws.err_addr, sig.error_code(OP_ID, r, sig.WHAT_BARRIER),

@@ -116,7 +116,8 @@ def test_ptx_tma_operands_vector_stores_and_a_release_per_tile():
     BM, BN, BK = cfg.BLOCK_SIZE_M, cfg.BLOCK_SIZE_N, cfg.BLOCK_SIZE_K
     sig = {"a_desc": f"tensordesc<bf16[{BM}, {BK}]>", "b_desc": f"tensordesc<bf16[{BN}, {BK}]>", "stage_ptr": "*bf16",
            "own_ptr": "*bf16", "cnt_ptr": "*i32", "m_seg": "i32", "N": "i32", "K": "i32", "rank": "i32"}
-    const = {"WORLD": 4, "B_KN": False, "BLOCK_SIZE_M": BM, "BLOCK_SIZE_N": BN, "BLOCK_SIZE_K": BK, "GROUP_SIZE_M": 8}
+    const = {"WORLD": 4, "B_KN": False, "BLOCK_SIZE_M": BM, "BLOCK_SIZE_N": BN, "BLOCK_SIZE_K": BK, "GROUP_SIZE_M": 8,
+             "FLATTEN": cfg.FLATTEN}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if sig[name].startswith("*")
                or name in ("m_seg", "N")}                  # as Triton specialises 16-divisible shapes
     src = ASTSource(fn=_rs_tma_gemm, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const,
