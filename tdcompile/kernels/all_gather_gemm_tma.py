@@ -38,7 +38,7 @@ def unsupported_reason(ws: Workspace, a: torch.Tensor, bs) -> str | None:
     reason = unsupported_gemm_reason(ws, a, bs, None, M)
     if reason:
         return reason
-    A = a.new_empty((1, a.shape[1]))                          # as aligned as a fresh [M, K] buffer
+    A = torch.empty((1, a.shape[1]), dtype=a.dtype, device="meta")   # the gathered buffer's layout, no allocation
     for b in bs:
         cfg = pick_tma_config(M, b.shape[1], a.shape[1])
         reason = tma_reason(A, b, a.shape[0], cfg)
