@@ -18,13 +18,14 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from tdcompile.measure import graph_us  # noqa: E402  (fn captured ``calls`` times, median of replays)
 
 HIDDEN, INTER, Q, KV = 5120, 25600, 64 * 128, 8 * 128
 
@@ -33,28 +34,6 @@ def shapes(world: int) -> list[tuple[str, int, int]]:
     """(name, N, K) per rank at TP=world."""
     return [("q_proj", Q // world, HIDDEN), ("k_proj", KV // world, HIDDEN), ("gate_proj", INTER // world, HIDDEN),
             ("o_proj", HIDDEN, Q // world), ("down_proj", HIDDEN, INTER // world)]
-
-
-def graph_us(fn, calls: int, replays: int) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(times)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

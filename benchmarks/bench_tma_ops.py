@@ -44,17 +44,9 @@ HIDDEN, INTER, Q, KV = 5120, 25600, 64 * 128, 8 * 128
 
 
 def graph_us(fn, calls: int, replays: int) -> float:
-    """Per-call median (µs) of a CUDA graph of ``calls`` calls; max over ranks."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
+    """Per-call median (µs) of a CUDA graph of ``calls`` calls (``measure.capture``); max over ranks."""
+    from tdcompile.measure import capture
+    g = capture(fn, calls)
     torch.cuda.synchronize()
     dist.barrier()
     g.replay()

@@ -53,3 +53,14 @@ def failure(e: BaseException) -> str:
     """What a rank reports for an exception: type, message and the end of the traceback."""
     import traceback
     return f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"
+
+
+def compiled_together(ws, dist, fn):
+    """``fn()`` (a launcher call) with a host barrier between its first phase (compile and load)
+    and its launches, as ``ops.cuda`` does on a variant's first call: no rank launches a kernel
+    that waits on a peer while that peer is still compiling."""
+    ws.phase_barrier = dist.barrier
+    try:
+        return fn()
+    finally:
+        ws.phase_barrier = None

@@ -133,7 +133,7 @@ def test_ptx_tma_operands_vector_stores_and_a_release_per_tile():
 
 # ------------------------------------------------------------------------------ real processes
 def _real_worker(rank, world_size, port, q):
-    from real_ranks import failure, init_rank
+    from real_ranks import compiled_together, failure, init_rank
     dist = init_rank(rank, world_size, port, TDCOMPILE_SPIN_TIMEOUT_S="10")
     done = []
     try:
@@ -142,11 +142,7 @@ def _real_worker(rank, world_size, port, q):
         ws = get_workspace(dist.group.WORLD.group_name)
         for i, (mr, N, K) in enumerate(CASES + [(1024, 5120, 2560)]):
             a, b = _inputs(world_size, world_size * mr, N, K, 50 + i)
-            ws.phase_barrier = dist.barrier           # first call: every rank compiles before any waits
-            try:
-                got = gemm_reduce_scatter_tma(ws, a[rank], b)
-            finally:
-                ws.phase_barrier = None
+            got = compiled_together(ws, dist, lambda: gemm_reduce_scatter_tma(ws, a[rank], b))
             ws.check(sync=True)
             _close_to_sum(got, a, b, rank, world_size)
             done.append(i)

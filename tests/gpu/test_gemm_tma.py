@@ -186,7 +186,7 @@ def test_ptx_uses_tma_and_wgmma_and_fences_after_the_flag():
 
 # ------------------------------------------------------------------------------ real processes
 def _real_worker(rank, world_size, port, q):
-    from real_ranks import failure, init_rank
+    from real_ranks import compiled_together, failure, init_rank
     dist = init_rank(rank, world_size, port, TDCOMPILE_SPIN_TIMEOUT_S="10")
     done = []
     try:
@@ -198,11 +198,7 @@ def _real_worker(rank, world_size, port, q):
         for i, (m, K, Ns) in enumerate(cases):        # one call at a time: the failing one is named
             shard = _shards(world_size, m, K, 100 + i)[rank]
             bs = [_weight(N, K, torch.bfloat16, 10 * i + j, ("linear", "kn")[j % 2]) for j, N in enumerate(Ns)]
-            ws.phase_barrier = dist.barrier           # first call: every rank compiles before any waits
-            try:
-                a_out, outs = all_gather_gemm_tma(ws, shard, bs, True)
-            finally:
-                ws.phase_barrier = None
+            a_out, outs = compiled_together(ws, dist, lambda: all_gather_gemm_tma(ws, shard, bs, True))
             ws.check(sync=True)
             A = torch.empty((world_size * m, K), device="cuda", dtype=torch.bfloat16)
             dist.all_gather_into_tensor(A, shard)
