@@ -34,7 +34,7 @@ from tdcompile.kernels.all_gather_gemm import _ag_barrier
 from tdcompile.kernels.gemm_all_reduce_ce import ADD_BLOCK, _ce_add
 from tdcompile.kernels.gemm_reduce_scatter_ce import OP_ID, PREV_CHANNEL, PUSHED_CHANNEL, REGION
 from tdcompile.kernels.gemm_reduce_scatter_ce import unsupported_reason as ce_reason
-from tdcompile.kernels.gemm_tma import b_layout, pick_tma_config
+from tdcompile.kernels.gemm_tma import b_layout, pick_tma_config, tma_tile
 from tdcompile.kernels.gemm_tma import preload as preload_desc
 from tdcompile.kernels.gemm_tma import unsupported_reason as tma_reason
 from tdcompile.kernels.signals import fence_sys, record_error, wait_geq
@@ -51,20 +51,13 @@ def _rs_tma_gemm(a_desc, b_desc, stage_ptr, own_ptr, cnt_ptr, m_seg, N, K, rank,
     num_pid_m = tl.cdiv(m_seg, BLOCK_SIZE_M)
     num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
     tps = num_pid_m * num_pid_n                        # tiles per destination
-    k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
     for t in tl.range(pid, WORLD * tps, G, flatten=FLATTEN):   # no waits inside: the pipeline may span tiles
         i = t // tps                                   # destination index: peers 0..W-2, own W-1
         d = (rank + 1 + i) % WORLD
         pid_m, pid_n = swizzle(t % tps, num_pid_m, num_pid_n, GROUP_SIZE_M)
         row0 = d * m_seg + pid_m * BLOCK_SIZE_M        # may run past d's rows: masked below
         col0 = pid_n * BLOCK_SIZE_N
-        acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-        for kk in range(k_tiles):
-            a = a_desc.load([row0, kk * BLOCK_SIZE_K])                     # [BM, BK]
-            if B_KN:
-                acc = tl.dot(a, b_desc.load([kk * BLOCK_SIZE_K, col0]), acc)
-            else:
-                acc = tl.dot(a, b_desc.load([col0, kk * BLOCK_SIZE_K]).T, acc)
+        acc = tma_tile(a_desc, b_desc, row0, col0, K, B_KN, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
         lrows = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)       # rows of d's segment
         cols = col0 + tl.arange(0, BLOCK_SIZE_N)
         mask = (lrows < m_seg)[:, None] & (cols < N)[None, :]

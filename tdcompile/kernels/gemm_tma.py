@@ -113,6 +113,21 @@ def _proxy_fence():
                               is_pure=False, pack=1)
 
 
+@triton.jit
+def tma_tile(a_desc, b_desc, row0, col0, K, B_KN: tl.constexpr, BLOCK_SIZE_M: tl.constexpr,
+             BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
+    """fp32 ``A[row0:+BM, :] @ B[:, col0:+BN]``, both operands by TMA (rows / columns past the
+    edge read as zero)."""
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for kk in range(tl.cdiv(K, BLOCK_SIZE_K)):
+        a = a_desc.load([row0, kk * BLOCK_SIZE_K])                           # [BM, BK]
+        if B_KN:
+            acc = tl.dot(a, b_desc.load([kk * BLOCK_SIZE_K, col0]), acc)     # [BK, BN]
+        else:
+            acc = tl.dot(a, b_desc.load([col0, kk * BLOCK_SIZE_K]).T, acc)   # [BN, BK]
+    return acc
+
+
 @triton.jit(do_not_specialize=["m_seg", "rank", "err_code", "timeout_us"])
 def _tma_gemm_kernel(a_desc, b_desc, c_desc, progress_ptr, m_seg, N, K, err_addr, err_code, rank, timeout_us,
                      WORLD: tl.constexpr, B_KN: tl.constexpr, BLOCK_SIZE_M: tl.constexpr,
@@ -123,7 +138,6 @@ def _tma_gemm_kernel(a_desc, b_desc, c_desc, progress_ptr, m_seg, N, K, err_addr
     num_pid_m = tl.cdiv(m_seg, BLOCK_SIZE_M)
     num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
     tps = num_pid_m * num_pid_n                       # tiles per shard
-    k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
     ok = 1
     # FLATTEN (WORLD = 1 only): one software pipeline over tiles x K steps, so the TMA loads of the
     # next tile are in flight while this tile's last wgmma and its store run; with WORLD > 1 they
@@ -140,15 +154,7 @@ def _tma_gemm_kernel(a_desc, b_desc, c_desc, progress_ptr, m_seg, N, K, err_addr
             pid_m, pid_n = swizzle(t % tps, num_pid_m, num_pid_n, GROUP_SIZE_M)
             row0 = s * m_seg + pid_m * BLOCK_SIZE_M
             col0 = pid_n * BLOCK_SIZE_N
-            acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-            for kk in range(k_tiles):
-                a = a_desc.load([row0, kk * BLOCK_SIZE_K])                   # [BM, BK]
-                if B_KN:
-                    b = b_desc.load([kk * BLOCK_SIZE_K, col0])               # [BK, BN]
-                    acc = tl.dot(a, b, acc)
-                else:
-                    b = b_desc.load([col0, kk * BLOCK_SIZE_K])               # [BN, BK]
-                    acc = tl.dot(a, b.T, acc)
+            acc = tma_tile(a_desc, b_desc, row0, col0, K, B_KN, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
             if EPILOGUE_SUBTILE:
                 halves = tl.permute(tl.reshape(acc, (BLOCK_SIZE_M, 2, BLOCK_SIZE_N // 2)), (0, 2, 1))
                 c0, c1 = tl.split(halves)                                    # [BM, BN/2] each
