@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 
 from tdcompile.launch import SAFE_ENV  # noqa: E402
@@ -44,21 +43,10 @@ HIDDEN, INTER, Q, KV = 5120, 25600, 64 * 128, 8 * 128
 
 
 def graph_us(fn, calls: int, replays: int) -> float:
-    """Per-call median (µs) of a CUDA graph of ``calls`` calls (``measure.capture``); max over ranks."""
-    from tdcompile.measure import capture
-    g = capture(fn, calls)
-    torch.cuda.synchronize()
+    """``measure.graph_us`` (per-call median of a CUDA graph of ``calls`` calls), max over ranks."""
+    from tdcompile import measure
     dist.barrier()
-    g.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    t = torch.tensor([statistics.median(times)], device="cuda")
+    t = torch.tensor([measure.graph_us(fn, calls, replays)], device="cuda")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return round(t.item(), 2)
 
